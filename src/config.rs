@@ -1,0 +1,602 @@
+//! Settings: figment defaults → TOML file → environment, validated once at start-up.
+//!
+//! Environment overrides use the prefix `OUTBOX_RELAY_` with `__` between
+//! sections (`OUTBOX_RELAY_KAFKA__BROKERS`), plus the conventional
+//! `DATABASE_URL`. Unknown keys and bad values stop start-up with the key named.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Environment variable prefix for every setting.
+pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
+/// The configuration file read when `--config` is not given.
+pub const DEFAULT_CONFIG_FILE: &str = "config/relay.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Figment(#[from] Box<figment::Error>),
+    #[error("configuration key `{key}`: {message}")]
+    Invalid { key: String, message: String },
+    #[error("configuration file {path} does not exist (pass --config FILE or create it)")]
+    MissingFile { path: PathBuf },
+}
+
+impl ConfigError {
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A value that never appears in logs or `Debug` output.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    pub database: DatabaseSettings,
+    pub kafka: KafkaSettings,
+    pub catalog: CatalogSettings,
+    pub relay: RelaySettings,
+    pub topics: TopicSettings,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseSettings {
+    /// Connection URL; contains the password, so it is a `Secret`.
+    pub url: Secret,
+    pub max_connections: u32,
+    pub connect_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub client_id: String,
+    /// Prepended to every catalog topic (`staging.` → `staging.platform.auth.events`).
+    pub topic_prefix: String,
+    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
+    pub security_protocol: String,
+    pub sasl: Option<SaslSettings>,
+    pub tls: Option<TlsSettings>,
+    /// `none`, `gzip`, `snappy`, `lz4` or `zstd`.
+    pub compression: String,
+    pub linger_ms: u64,
+    /// Bound on how long librdkafka keeps retrying one message before the
+    /// relay's own retry loop takes over.
+    pub message_timeout_ms: u64,
+    pub request_timeout_ms: u64,
+    /// Largest serialized message the relay will produce; larger rows go to
+    /// the DLQ before producing. Keep it ≤ the broker's `message.max.bytes`.
+    pub max_message_bytes: usize,
+    /// Raw librdkafka properties, applied last. Keys that the typed settings
+    /// above own are rejected.
+    pub librdkafka: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaslSettings {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub mechanism: String,
+    pub username: String,
+    pub password: Secret,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSettings {
+    pub ca_location: Option<PathBuf>,
+    pub certificate_location: Option<PathBuf>,
+    pub key_location: Option<PathBuf>,
+    pub key_password: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CatalogSettings {
+    /// Catalog files or directories (every `*.toml` inside, in name order).
+    pub paths: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelaySettings {
+    /// Name of this outbox source; the `source` label on every metric.
+    pub source: String,
+    pub batch_size: u32,
+    /// Sleep after an empty claim. Full batches loop at once.
+    pub idle_interval_ms: u64,
+    /// Attempts before an error of unknown class is dead-lettered as
+    /// `retries_exhausted`. Transient errors are retried without limit.
+    pub max_attempts: u32,
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    /// Exit at start-up when Postgres or Kafka cannot be reached, instead of
+    /// retrying with backoff.
+    pub fail_fast: bool,
+    /// How long shutdown waits for in-flight deliveries.
+    pub shutdown_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicSettings {
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub default_retention_days: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// `/metrics`, `/healthz` and `/readyz`. Empty string disables the listener.
+    pub listen: String,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSettings {
+    /// `pretty` or `json`.
+    pub format: String,
+    /// A tracing `EnvFilter` directive, e.g. `info,outbox_relay=debug`.
+    pub level: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database: DatabaseSettings {
+                url: Secret::new("postgres://postgres@127.0.0.1:55432/postgres"),
+                max_connections: 8,
+                connect_timeout_ms: 5_000,
+            },
+            kafka: KafkaSettings {
+                brokers: "127.0.0.1:19092".into(),
+                client_id: "outbox-relay".into(),
+                topic_prefix: String::new(),
+                security_protocol: "plaintext".into(),
+                sasl: None,
+                tls: None,
+                compression: "lz4".into(),
+                linger_ms: 2,
+                message_timeout_ms: 30_000,
+                request_timeout_ms: 10_000,
+                max_message_bytes: 1_000_000,
+                librdkafka: BTreeMap::new(),
+            },
+            catalog: CatalogSettings {
+                paths: vec![PathBuf::from("config/catalog")],
+            },
+            relay: RelaySettings {
+                source: "default".into(),
+                batch_size: 1000,
+                idle_interval_ms: 5,
+                max_attempts: 12,
+                retry_base_ms: 500,
+                retry_max_ms: 60_000,
+                fail_fast: false,
+                shutdown_timeout_ms: 30_000,
+            },
+            topics: TopicSettings {
+                partitions: 6,
+                replication_factor: 1,
+                default_retention_days: 7,
+            },
+            http: HttpSettings {
+                listen: "127.0.0.1:9464".into(),
+            },
+            log: LogSettings {
+                format: "pretty".into(),
+                level: "info".into(),
+            },
+        }
+    }
+}
+
+/// librdkafka properties that typed settings own; the passthrough map may not
+/// set them, so that nobody silently disables idempotence or acks=all.
+const OWNED_LIBRDKAFKA_KEYS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "kafka.brokers"),
+    ("metadata.broker.list", "kafka.brokers"),
+    ("client.id", "kafka.client_id"),
+    ("enable.idempotence", "(always true)"),
+    ("acks", "(always all)"),
+    ("request.required.acks", "(always all)"),
+    ("partitioner", "(always murmur2_random)"),
+    ("security.protocol", "kafka.security_protocol"),
+    ("sasl.mechanism", "kafka.sasl.mechanism"),
+    ("sasl.mechanisms", "kafka.sasl.mechanism"),
+    ("sasl.username", "kafka.sasl.username"),
+    ("sasl.password", "kafka.sasl.password"),
+    ("ssl.ca.location", "kafka.tls.ca_location"),
+    ("ssl.certificate.location", "kafka.tls.certificate_location"),
+    ("ssl.key.location", "kafka.tls.key_location"),
+    ("ssl.key.password", "kafka.tls.key_password"),
+    ("compression.type", "kafka.compression"),
+    ("compression.codec", "kafka.compression"),
+    ("linger.ms", "kafka.linger_ms"),
+    ("queue.buffering.max.ms", "kafka.linger_ms"),
+    ("message.timeout.ms", "kafka.message_timeout_ms"),
+    ("delivery.timeout.ms", "kafka.message_timeout_ms"),
+    ("request.timeout.ms", "kafka.request_timeout_ms"),
+    ("message.max.bytes", "kafka.max_message_bytes"),
+];
+
+impl Settings {
+    /// The layered figment: defaults → TOML file (if any) → environment.
+    pub fn figment(file: Option<&Path>) -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment
+            .merge(Env::prefixed(ENV_PREFIX).split("__").lowercase(true))
+            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
+    }
+
+    /// Loads and validates settings. `file = None` reads `config/relay.toml`
+    /// when it exists; an explicit file must exist.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let file = match file {
+            Some(path) if !path.exists() => {
+                return Err(ConfigError::MissingFile {
+                    path: path.to_path_buf(),
+                })
+            }
+            Some(path) => Some(path.to_path_buf()),
+            None => Some(PathBuf::from(DEFAULT_CONFIG_FILE)).filter(|p| p.exists()),
+        };
+        Self::from_figment(Self::figment(file.as_deref()))
+    }
+
+    pub fn from_figment(figment: Figment) -> Result<Settings, ConfigError> {
+        let settings: Settings = figment.extract().map_err(Box::new)?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.database.url.expose().is_empty() {
+            return Err(ConfigError::invalid(
+                "database.url",
+                "is empty; set it in the config file or DATABASE_URL",
+            ));
+        }
+        if self.database.max_connections < 2 {
+            return Err(ConfigError::invalid(
+                "database.max_connections",
+                "must be at least 2 (one claims while one refreshes gauges)",
+            ));
+        }
+        if self.kafka.brokers.trim().is_empty() {
+            return Err(ConfigError::invalid("kafka.brokers", "is empty"));
+        }
+        if !matches!(
+            self.kafka.security_protocol.as_str(),
+            "plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl"
+        ) {
+            return Err(ConfigError::invalid(
+                "kafka.security_protocol",
+                format!(
+                    "`{}` is not one of plaintext, ssl, sasl_plaintext, sasl_ssl",
+                    self.kafka.security_protocol
+                ),
+            ));
+        }
+        if let Some(sasl) = &self.kafka.sasl {
+            if !matches!(
+                sasl.mechanism.as_str(),
+                "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512"
+            ) {
+                return Err(ConfigError::invalid(
+                    "kafka.sasl.mechanism",
+                    format!(
+                        "`{}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+                        sasl.mechanism
+                    ),
+                ));
+            }
+            if !self.kafka.security_protocol.starts_with("sasl_") {
+                return Err(ConfigError::invalid(
+                    "kafka.security_protocol",
+                    "must be sasl_plaintext or sasl_ssl when [kafka.sasl] is set",
+                ));
+            }
+        }
+        if !matches!(
+            self.kafka.compression.as_str(),
+            "none" | "gzip" | "snappy" | "lz4" | "zstd"
+        ) {
+            return Err(ConfigError::invalid(
+                "kafka.compression",
+                format!(
+                    "`{}` is not one of none, gzip, snappy, lz4, zstd",
+                    self.kafka.compression
+                ),
+            ));
+        }
+        if self.kafka.max_message_bytes < 1024 {
+            return Err(ConfigError::invalid(
+                "kafka.max_message_bytes",
+                "must be at least 1024",
+            ));
+        }
+        if self.kafka.message_timeout_ms == 0 {
+            return Err(ConfigError::invalid(
+                "kafka.message_timeout_ms",
+                "must be greater than 0 (0 would retry a message forever inside librdkafka)",
+            ));
+        }
+        for key in self.kafka.librdkafka.keys() {
+            if let Some((_, owner)) = OWNED_LIBRDKAFKA_KEYS.iter().find(|(k, _)| k == key) {
+                return Err(ConfigError::invalid(
+                    format!("kafka.librdkafka.\"{key}\""),
+                    format!("conflicts with a typed setting; use {owner} instead"),
+                ));
+            }
+        }
+        if self.catalog.paths.is_empty() {
+            return Err(ConfigError::invalid(
+                "catalog.paths",
+                "is empty; name at least the kernel catalog",
+            ));
+        }
+        if self.relay.source.is_empty()
+            || !self
+                .relay
+                .source
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ConfigError::invalid(
+                "relay.source",
+                "must be non-empty ASCII letters, digits, `_` or `-` (it is a metric label)",
+            ));
+        }
+        if self.relay.batch_size == 0 || self.relay.batch_size > 50_000 {
+            return Err(ConfigError::invalid(
+                "relay.batch_size",
+                "must be between 1 and 50000",
+            ));
+        }
+        if self.relay.max_attempts == 0 {
+            return Err(ConfigError::invalid(
+                "relay.max_attempts",
+                "must be at least 1",
+            ));
+        }
+        if self.relay.retry_base_ms == 0 || self.relay.retry_max_ms < self.relay.retry_base_ms {
+            return Err(ConfigError::invalid(
+                "relay.retry_max_ms",
+                "must be ≥ relay.retry_base_ms, and retry_base_ms > 0",
+            ));
+        }
+        if self.topics.partitions < 1 {
+            return Err(ConfigError::invalid(
+                "topics.partitions",
+                "must be at least 1",
+            ));
+        }
+        if self.topics.replication_factor < 1 {
+            return Err(ConfigError::invalid(
+                "topics.replication_factor",
+                "must be at least 1",
+            ));
+        }
+        if self.topics.default_retention_days == 0 {
+            return Err(ConfigError::invalid(
+                "topics.default_retention_days",
+                "must be at least 1",
+            ));
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<SocketAddr>().is_err() {
+            return Err(ConfigError::invalid(
+                "http.listen",
+                format!(
+                    "`{}` is not an address like 127.0.0.1:9464 (empty disables the listener)",
+                    self.http.listen
+                ),
+            ));
+        }
+        if !matches!(self.log.format.as_str(), "pretty" | "json") {
+            return Err(ConfigError::invalid(
+                "log.format",
+                format!("`{}` is not one of pretty, json", self.log.format),
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn http_listen(&self) -> Option<SocketAddr> {
+        self.http.listen.parse().ok()
+    }
+
+    pub fn idle_interval(&self) -> Duration {
+        Duration::from_millis(self.relay.idle_interval_ms)
+    }
+
+    /// The full Kafka topic name for a catalog topic.
+    pub fn topic_name(&self, catalog_topic: &str) -> String {
+        format!("{}{}", self.kafka.topic_prefix, catalog_topic)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    fn load_in_jail() -> Result<Settings, ConfigError> {
+        Settings::from_figment(Settings::figment(Some(Path::new("relay.toml"))))
+    }
+
+    #[test]
+    fn defaults_file_then_env_layer_in_order() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "relay.toml",
+                r#"
+                [kafka]
+                brokers = "file:9092"
+                [relay]
+                batch_size = 250
+                "#,
+            )?;
+            jail.set_env("OUTBOX_RELAY_KAFKA__BROKERS", "env:9092");
+            jail.set_env("DATABASE_URL", "postgres://u:hunter2@db/app");
+            let s = load_in_jail().map_err(|e| e.to_string())?;
+            assert_eq!(s.kafka.brokers, "env:9092");
+            assert_eq!(s.relay.batch_size, 250);
+            assert_eq!(s.relay.idle_interval_ms, 5);
+            assert_eq!(s.database.url.expose(), "postgres://u:hunter2@db/app");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", "[relay]\nbatch_sise = 5\n")?;
+            let err = load_in_jail().unwrap_err().to_string();
+            assert!(err.contains("batch_sise"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_value_names_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", "[relay]\nbatch_size = \"lots\"\n")?;
+            let err = load_in_jail().unwrap_err().to_string();
+            assert!(err.contains("relay.batch_size"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_env_value_names_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", "")?;
+            jail.set_env("OUTBOX_RELAY_RELAY__IDLE_INTERVAL_MS", "soon");
+            let err = load_in_jail().unwrap_err().to_string();
+            assert!(err.contains("relay.idle_interval_ms"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn semantic_errors_name_the_key() {
+        Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", "[relay]\nbatch_size = 0\n")?;
+            let err = load_in_jail().unwrap_err().to_string();
+            assert_eq!(
+                err,
+                "configuration key `relay.batch_size`: must be between 1 and 50000"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn passthrough_cannot_override_typed_or_safety_settings() {
+        Jail::expect_with(|jail| {
+            jail.create_file("relay.toml", "[kafka.librdkafka]\n\"acks\" = \"1\"\n")?;
+            let err = load_in_jail().unwrap_err().to_string();
+            assert!(err.contains("kafka.librdkafka.\"acks\""), "{err}");
+            jail.create_file(
+                "relay.toml",
+                "[kafka.librdkafka]\n\"statistics.interval.ms\" = \"1000\"\n",
+            )?;
+            let s = load_in_jail().map_err(|e| e.to_string())?;
+            assert_eq!(s.kafka.librdkafka["statistics.interval.ms"], "1000");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_output() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "relay.toml",
+                r#"
+                [database]
+                url = "postgres://relay:s3cr3t-db@db/app"
+                [kafka]
+                security_protocol = "sasl_ssl"
+                [kafka.sasl]
+                mechanism = "SCRAM-SHA-512"
+                username = "relay"
+                password = "s3cr3t-kafka"
+                "#,
+            )?;
+            let s = load_in_jail().map_err(|e| e.to_string())?;
+            let debug = format!("{s:?}");
+            assert!(!debug.contains("s3cr3t"), "{debug}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn sasl_requires_a_sasl_protocol() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "relay.toml",
+                "[kafka.sasl]\nmechanism = \"PLAIN\"\nusername = \"u\"\npassword = \"p\"\n",
+            )?;
+            let err = load_in_jail().unwrap_err().to_string();
+            assert!(err.contains("kafka.security_protocol"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let err = Settings::load(Some(Path::new("/nonexistent/relay.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("/nonexistent/relay.toml"), "{err}");
+    }
+}

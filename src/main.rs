@@ -1,0 +1,284 @@
+//! The `outbox-relay` command line. Thin: parses arguments, loads settings,
+//! and calls the library.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use outbox_relay::catalog::Catalog;
+use outbox_relay::config::Settings;
+use outbox_relay::sql::{self, DlqFilter};
+use outbox_relay::{status, topics};
+
+#[derive(Parser)]
+#[command(name = "outbox-relay", version, about = "Relays events from a PostgreSQL outbox to Kafka")]
+struct Cli {
+    /// Configuration file (default: config/relay.toml when it exists).
+    #[arg(long, global = true, env = "OUTBOX_RELAY_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the relay until SIGINT or SIGTERM.
+    Run,
+    /// Apply the database migrations and mirror the catalog into the database.
+    Migrate,
+    /// Inspect or validate the event catalog.
+    #[command(subcommand)]
+    Catalog(CatalogCmd),
+    /// Create or check the catalog's Kafka topics.
+    #[command(subcommand)]
+    Topics(TopicsCmd),
+    /// Inspect, replay or discard dead-lettered events.
+    #[command(subcommand)]
+    Dlq(DlqCmd),
+    /// Backlog, lag, DLQ depth and last publish of the outbox.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CatalogCmd {
+    /// Print the loaded catalog as a table.
+    List,
+    /// Validate catalog files (the kernel's plus the given ones) without starting.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Mirror the catalog into the database (publisher checks use it).
+    Sync,
+}
+
+#[derive(Subcommand)]
+enum TopicsCmd {
+    /// Create missing topics; report drift of existing ones.
+    Ensure {
+        /// Change drifted retention and partition counts.
+        #[arg(long)]
+        apply: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Clone, Default)]
+struct Filter {
+    #[arg(long)]
+    event_id: Option<String>,
+    #[arg(long = "type")]
+    event_type: Option<String>,
+    #[arg(long)]
+    reason: Option<String>,
+    /// Dead-lettered at or after (RFC 3339).
+    #[arg(long)]
+    from: Option<DateTime<Utc>>,
+    /// Dead-lettered before (RFC 3339).
+    #[arg(long)]
+    to: Option<DateTime<Utc>>,
+}
+
+impl From<Filter> for DlqFilter {
+    fn from(f: Filter) -> Self {
+        DlqFilter {
+            event_id: f.event_id,
+            event_type: f.event_type,
+            reason: f.reason,
+            from: f.from,
+            to: f.to,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum DlqCmd {
+    /// List dead events (state 'dead').
+    List {
+        #[command(flatten)]
+        filter: Filter,
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead events back into the outbox (same id, same occurredAt).
+    Replay {
+        #[command(flatten)]
+        filter: Filter,
+        /// Replay every dead event when no filter is given.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Mark dead events as discarded, with a recorded reason.
+    Discard {
+        #[command(flatten)]
+        filter: Filter,
+        /// Why they are discarded (kept in outbox_dlq.discard_reason).
+        #[arg(long)]
+        why: String,
+    },
+}
+
+fn init_tracing(settings: &Settings) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if settings.log.format == "json" {
+        builder.json().flatten_event(true).init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+async fn pool(settings: &Settings) -> Result<sqlx::PgPool> {
+    sql::connect(
+        settings.database.url.expose(),
+        2,
+        std::time::Duration::from_millis(settings.database.connect_timeout_ms),
+    )
+    .await
+    .context("connecting to Postgres (database.url / DATABASE_URL)")
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let settings = Settings::load(cli.config.as_deref())?;
+    init_tracing(&settings);
+    match cli.command {
+        Command::Run => outbox_relay::run(settings, shutdown_signal()).await?,
+        Command::Migrate => {
+            let catalog = Catalog::load(&settings.catalog.paths)?;
+            let pool = pool(&settings).await?;
+            sql::migrate(&pool).await.context("applying migrations")?;
+            let n = sql::sync_catalog(&pool, &catalog).await?;
+            println!("migrations applied; {n} catalog events mirrored into outbox_catalog");
+        }
+        Command::Catalog(CatalogCmd::List) => {
+            let catalog = Catalog::load(&settings.catalog.paths)?;
+            print!("{}", catalog.render_table(settings.topics.default_retention_days));
+        }
+        Command::Catalog(CatalogCmd::Check { files }) => {
+            let mut paths = settings.catalog.paths.clone();
+            for f in &files {
+                if !paths.iter().any(|p| p == f || f.starts_with(p)) {
+                    paths.push(f.clone());
+                }
+            }
+            let catalog = Catalog::load(&paths)?;
+            println!(
+                "ok: {} events, {} publishers, {} topics",
+                catalog.events.len(),
+                catalog.publishers.len(),
+                catalog.topics.len()
+            );
+        }
+        Command::Catalog(CatalogCmd::Sync) => {
+            let catalog = Catalog::load(&settings.catalog.paths)?;
+            let pool = pool(&settings).await?;
+            let n = sql::sync_catalog(&pool, &catalog).await?;
+            println!("{n} catalog events mirrored into outbox_catalog");
+        }
+        Command::Topics(TopicsCmd::Ensure { apply, json }) => {
+            let catalog = Catalog::load(&settings.catalog.paths)?;
+            let reports = topics::ensure(&settings, &catalog, apply).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&reports)?);
+            } else {
+                for r in &reports {
+                    let days = r.retention_ms as f64 / topics::DAY_MS as f64;
+                    let what = match &r.action {
+                        topics::TopicAction::Created => "created".to_string(),
+                        topics::TopicAction::UpToDate => "up to date".to_string(),
+                        topics::TopicAction::Drift { changes, applied: true } => {
+                            format!("changed: {}", changes.join("; "))
+                        }
+                        topics::TopicAction::Drift { changes, applied: false } => {
+                            format!("DRIFT (run with --apply to change): {}", changes.join("; "))
+                        }
+                    };
+                    println!("{:<40} partitions={:<3} retention={days}d  {what}", r.topic, r.partitions);
+                }
+            }
+        }
+        Command::Dlq(cmd) => dlq(&settings, cmd).await?,
+        Command::Status { json } => {
+            let pool = pool(&settings).await?;
+            let report = status::collect(&pool, &settings).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn dlq(settings: &Settings, cmd: DlqCmd) -> Result<()> {
+    let pool = pool(settings).await?;
+    match cmd {
+        DlqCmd::List { filter, limit, json } => {
+            let entries = sql::dlq_list(&pool, &filter.into(), limit).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&entries)?);
+                return Ok(());
+            }
+            println!(
+                "{:<26}  {:<30}  {:<22}  {:>8}  {:<24}  ERROR",
+                "EVENT_ID", "TYPE", "REASON", "ATTEMPTS", "DEAD_LETTERED_AT"
+            );
+            for e in entries {
+                println!(
+                    "{:<26}  {:<30}  {:<22}  {:>8}  {:<24}  {}",
+                    e.event_id,
+                    e.event_type,
+                    e.reason,
+                    e.attempts,
+                    outbox_relay::envelope::format_time(e.dead_lettered_at),
+                    e.last_error
+                );
+            }
+        }
+        DlqCmd::Replay { filter, all } => {
+            let f: DlqFilter = filter.into();
+            let unfiltered = f.event_id.is_none()
+                && f.event_type.is_none()
+                && f.reason.is_none()
+                && f.from.is_none()
+                && f.to.is_none();
+            if unfiltered && !all {
+                bail!("refusing to replay every dead event: give --event-id or a filter (--type, --reason, --from, --to), or --all");
+            }
+            let ids = sql::dlq_replay(&pool, &f).await?;
+            println!("replayed {} event(s)", ids.len());
+            for id in ids {
+                println!("{id}");
+            }
+        }
+        DlqCmd::Discard { filter, why } => {
+            let ids = sql::dlq_discard(&pool, &why, &filter.into()).await?;
+            println!("discarded {} event(s)", ids.len());
+            for id in ids {
+                println!("{id}");
+            }
+        }
+    }
+    Ok(())
+}
