@@ -429,7 +429,11 @@ impl Catalog {
             return Err(invalid(format!(
                 "unknown publisher `{}` (declare it under [publishers] first; known: {})",
                 e.publisher,
-                self.publishers.keys().cloned().collect::<Vec<_>>().join(", ")
+                self.publishers
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
             )));
         };
         let domain = domain_of(&e.event_type);
@@ -450,15 +454,17 @@ impl Catalog {
                 publisher.id
             )));
         }
-        let topic = e.topic.clone().unwrap_or_else(|| default_topic(&e.event_type));
+        let topic = e
+            .topic
+            .clone()
+            .unwrap_or_else(|| default_topic(&e.event_type));
         if !valid_topic_name(&topic) {
             return Err(invalid(format!(
                 "topic `{topic}` is not a legal Kafka topic name (letters, digits, `.`, `_`, `-`; at most 249)"
             )));
         }
         let valid_version = e.schema_version.split('.').count() == 3
-            && e
-                .schema_version
+            && e.schema_version
                 .split('.')
                 .all(|p| !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()));
         if !valid_version {
@@ -611,8 +617,19 @@ mod tests {
         assert_eq!(e.partition_key, "userId");
         assert_eq!(c.retention_days("platform.audit.events", 7), 30);
         assert_eq!(c.retention_days("platform.auth.events", 7), 7);
-        let keys: Vec<_> = c.events.values().map(|e| e.partition_key.as_str()).collect();
-        for key in ["userId", "moduleId", "fileId", "notificationId", "auditId", "tenantId"] {
+        let keys: Vec<_> = c
+            .events
+            .values()
+            .map(|e| e.partition_key.as_str())
+            .collect();
+        for key in [
+            "userId",
+            "moduleId",
+            "fileId",
+            "notificationId",
+            "auditId",
+            "tenantId",
+        ] {
             assert!(keys.contains(&key), "{key}");
         }
     }
@@ -626,13 +643,19 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(c.events.len(), 14);
-        assert_eq!(c.get("crm.contact.created").unwrap().topic, "platform.crm.events");
+        assert_eq!(
+            c.get("crm.contact.created").unwrap().topic,
+            "platform.crm.events"
+        );
     }
 
     #[test]
     fn duplicate_type_is_named() {
         let err = err_of("format = 1\nversion = \"1\"\n[[events]]\ntype = \"auth.user.created\"\npublisher = \"iam\"\nschema_version = \"1.0.0\"\npartition_key = \"userId\"\n[events.payload]\nuserId = \"string\"\n");
-        assert!(err.contains("module.toml: event `auth.user.created`: duplicate event type"), "{err}");
+        assert!(
+            err.contains("module.toml: event `auth.user.created`: duplicate event type"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -644,13 +667,21 @@ mod tests {
     #[test]
     fn bad_topic_is_named() {
         let err = err_of(&format!("{MODULE_HEADER}[[events]]\ntype = \"crm.contact.created\"\npublisher = \"@acme/crm\"\ntopic = \"crm events!\"\nschema_version = \"1.0.0\"\npartition_key = \"contactId\"\n[events.payload]\ncontactId = \"string\"\n"));
-        assert!(err.contains("event `crm.contact.created`: topic `crm events!` is not a legal Kafka topic name"), "{err}");
+        assert!(
+            err.contains(
+                "event `crm.contact.created`: topic `crm events!` is not a legal Kafka topic name"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_publisher_is_named() {
         let err = err_of("format = 1\nversion = \"1\"\n[[events]]\ntype = \"crm.contact.created\"\npublisher = \"@acme/nope\"\nschema_version = \"1.0.0\"\npartition_key = \"contactId\"\n[events.payload]\ncontactId = \"string\"\n");
-        assert!(err.contains("event `crm.contact.created`: unknown publisher `@acme/nope`"), "{err}");
+        assert!(
+            err.contains("event `crm.contact.created`: unknown publisher `@acme/nope`"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -662,13 +693,19 @@ mod tests {
     #[test]
     fn unknown_field_type_is_named() {
         let err = err_of(&format!("{MODULE_HEADER}[[events]]\ntype = \"crm.contact.created\"\npublisher = \"@acme/crm\"\nschema_version = \"1.0.0\"\npartition_key = \"contactId\"\n[events.payload]\ncontactId = \"uuid\"\n"));
-        assert!(err.contains("payload field `contactId` has type \"uuid\""), "{err}");
+        assert!(
+            err.contains("payload field `contactId` has type \"uuid\""),
+            "{err}"
+        );
     }
 
     #[test]
     fn unknown_keys_in_a_file_are_rejected() {
         let err = err_of("format = 1\nversion = \"1\"\nevnts = []\n");
-        assert!(err.contains("module.toml") && err.contains("evnts"), "{err}");
+        assert!(
+            err.contains("module.toml") && err.contains("evnts"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -273,8 +273,18 @@ impl Settings {
             figment = figment.merge(Toml::file_exact(file));
         }
         figment
-            .merge(Env::prefixed(ENV_PREFIX).split("__").lowercase(true))
-            .merge(Env::raw().only(&["DATABASE_URL"]).map(|_| "database.url".into()))
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    // OUTBOX_RELAY_CONFIG names the file; it is not a setting.
+                    .filter(|key| key != "config")
+                    .split("__")
+                    .lowercase(true),
+            )
+            .merge(
+                Env::raw()
+                    .only(&["DATABASE_URL"])
+                    .map(|_| "database.url".into()),
+            )
     }
 
     /// Loads and validates settings. `file = None` reads `config/relay.toml`
@@ -293,7 +303,23 @@ impl Settings {
     }
 
     pub fn from_figment(figment: Figment) -> Result<Settings, ConfigError> {
-        let settings: Settings = figment.extract().map_err(Box::new)?;
+        let settings: Settings = figment.extract().map_err(|e| {
+            // Name the key the way the file spells it, whichever layer
+            // (file or environment variable) supplied the bad value.
+            if e.path.is_empty() {
+                return ConfigError::Figment(Box::new(e));
+            }
+            let key = e.path.join(".").to_lowercase();
+            let source = e
+                .metadata
+                .as_ref()
+                .map(|m| match &m.source {
+                    Some(src) => format!(" (from {} {src})", m.name),
+                    None => format!(" (from {})", m.name),
+                })
+                .unwrap_or_default();
+            ConfigError::invalid(key, format!("{}{source}", e.kind))
+        })?;
         settings.validate()?;
         Ok(settings)
     }
@@ -465,6 +491,8 @@ impl Settings {
 }
 
 #[cfg(test)]
+// figment's Jail closures return figment::Error, which is large by design.
+#[allow(clippy::result_large_err)]
 mod tests {
     use super::*;
     use figment::Jail;

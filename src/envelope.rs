@@ -129,7 +129,9 @@ pub fn prepare(
             DlqReason::ForbiddenPublisher,
             format!(
                 "403 Forbidden: publisher {} may not publish {} (the catalog allows only {})",
-                row.publisher.as_deref().unwrap_or("(none: the row bypassed the publisher trigger)"),
+                row.publisher
+                    .as_deref()
+                    .unwrap_or("(none: the row bypassed the publisher trigger)"),
                 row.event_type,
                 def.publisher
             ),
@@ -207,7 +209,10 @@ pub fn prepare(
 
     let size = value.len()
         + key.len()
-        + headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>()
+        + headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
         + RECORD_OVERHEAD;
     if size > max_message_bytes {
         return Err(reject(
@@ -309,7 +314,13 @@ mod tests {
         let v: Value = serde_json::from_slice(&p.value).unwrap();
         assert_eq!(v["tenantId"], "t-9");
         assert_eq!(p.key, "t-9");
-        let p = prepare(&row("money.wallet.credited", credited()), &catalog(), "", 1_000_000).unwrap();
+        let p = prepare(
+            &row("money.wallet.credited", credited()),
+            &catalog(),
+            "",
+            1_000_000,
+        )
+        .unwrap();
         let v: Value = serde_json::from_slice(&p.value).unwrap();
         assert_eq!(v["tenantId"], Value::Null);
     }
@@ -322,7 +333,13 @@ mod tests {
 
         let mut missing_key = credited();
         missing_key.as_object_mut().unwrap().remove("userId");
-        let e = prepare(&row("money.wallet.credited", missing_key), &c, "", 1_000_000).unwrap_err();
+        let e = prepare(
+            &row("money.wallet.credited", missing_key),
+            &c,
+            "",
+            1_000_000,
+        )
+        .unwrap_err();
         assert_eq!(e.reason, DlqReason::MissingPartitionKey);
         assert_eq!(e.message, "partition key $.userId is missing");
 
@@ -337,9 +354,19 @@ mod tests {
         assert_eq!(e.reason, DlqReason::InvalidPayload);
         assert_eq!(e.message, "$.amountCents: expected integer, found string");
 
-        let e = prepare(&row("money.wallet.credited", json!("text")), &c, "", 1_000_000).unwrap_err();
+        let e = prepare(
+            &row("money.wallet.credited", json!("text")),
+            &c,
+            "",
+            1_000_000,
+        )
+        .unwrap_err();
         assert_eq!(e.reason, DlqReason::InvalidPayload);
-        assert!(e.message.starts_with("$: payload must be a JSON object"), "{}", e.message);
+        assert!(
+            e.message.starts_with("$: payload must be a JSON object"),
+            "{}",
+            e.message
+        );
 
         let e = prepare(&row("money.wallet.credited", credited()), &c, "", 200).unwrap_err();
         assert_eq!(e.reason, DlqReason::MessageTooLarge);
@@ -351,7 +378,9 @@ mod tests {
         r.publisher = Some("@acme/crm".into());
         let e = prepare(&r, &catalog(), "", 1_000_000).unwrap_err();
         assert_eq!(e.reason, DlqReason::ForbiddenPublisher);
-        assert!(e.message.starts_with("403 Forbidden: publisher @acme/crm may not publish money.wallet.credited"));
+        assert!(e.message.starts_with(
+            "403 Forbidden: publisher @acme/crm may not publish money.wallet.credited"
+        ));
         r.publisher = None;
         let e = prepare(&r, &catalog(), "", 1_000_000).unwrap_err();
         assert_eq!(e.reason, DlqReason::ForbiddenPublisher);

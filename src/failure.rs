@@ -56,8 +56,14 @@ pub enum Class {
 
 /// Broker answers that no retry can fix for this message.
 const PERMANENT_KAFKA: &[(RDKafkaErrorCode, DlqReason)] = &[
-    (RDKafkaErrorCode::MessageSizeTooLarge, DlqReason::MessageTooLarge),
-    (RDKafkaErrorCode::MessageBatchTooLarge, DlqReason::MessageTooLarge),
+    (
+        RDKafkaErrorCode::MessageSizeTooLarge,
+        DlqReason::MessageTooLarge,
+    ),
+    (
+        RDKafkaErrorCode::MessageBatchTooLarge,
+        DlqReason::MessageTooLarge,
+    ),
     (
         RDKafkaErrorCode::TopicAuthorizationFailed,
         DlqReason::TopicAuthorizationFailed,
@@ -69,7 +75,10 @@ const TRANSIENT_KAFKA: &[(RDKafkaErrorCode, &str)] = &[
     (RDKafkaErrorCode::MessageTimedOut, "timeout"),
     (RDKafkaErrorCode::RequestTimedOut, "timeout"),
     (RDKafkaErrorCode::OperationTimedOut, "timeout"),
-    (RDKafkaErrorCode::BrokerTransportFailure, "broker_unavailable"),
+    (
+        RDKafkaErrorCode::BrokerTransportFailure,
+        "broker_unavailable",
+    ),
     (RDKafkaErrorCode::AllBrokersDown, "broker_unavailable"),
     (RDKafkaErrorCode::NetworkException, "broker_unavailable"),
     (RDKafkaErrorCode::Resolve, "broker_unavailable"),
@@ -79,13 +88,19 @@ const TRANSIENT_KAFKA: &[(RDKafkaErrorCode, &str)] = &[
     (RDKafkaErrorCode::FencedLeaderEpoch, "leader_change"),
     (RDKafkaErrorCode::UnknownLeaderEpoch, "leader_change"),
     (RDKafkaErrorCode::NotEnoughReplicas, "not_enough_replicas"),
-    (RDKafkaErrorCode::NotEnoughReplicasAfterAppend, "not_enough_replicas"),
+    (
+        RDKafkaErrorCode::NotEnoughReplicasAfterAppend,
+        "not_enough_replicas",
+    ),
     (RDKafkaErrorCode::KafkaStorageError, "broker_storage"),
     (RDKafkaErrorCode::QueueFull, "queue_full"),
     (RDKafkaErrorCode::PurgeQueue, "purged"),
     (RDKafkaErrorCode::PurgeInflight, "purged"),
     (RDKafkaErrorCode::ThrottlingQuotaExceeded, "throttled"),
-    (RDKafkaErrorCode::OutOfOrderSequenceNumber, "producer_fenced"),
+    (
+        RDKafkaErrorCode::OutOfOrderSequenceNumber,
+        "producer_fenced",
+    ),
     (RDKafkaErrorCode::InvalidProducerEpoch, "producer_fenced"),
     (RDKafkaErrorCode::UnknownProducerId, "producer_fenced"),
     (RDKafkaErrorCode::Fatal, "producer_fatal"),
@@ -182,7 +197,10 @@ mod tests {
             classify_code(RDKafkaErrorCode::UnknownTopicOrPartition),
             Class::Transient("unknown_topic")
         );
-        assert_eq!(classify_code(RDKafkaErrorCode::InvalidRecord), Class::Unknown);
+        assert_eq!(
+            classify_code(RDKafkaErrorCode::InvalidRecord),
+            Class::Unknown
+        );
     }
 
     #[test]

@@ -31,7 +31,13 @@ impl Readiness {
         self.postgres.load(Ordering::Relaxed) && self.kafka.load(Ordering::Relaxed)
     }
     fn report(&self) -> String {
-        let word = |b: &AtomicBool| if b.load(Ordering::Relaxed) { "ok" } else { "unavailable" };
+        let word = |b: &AtomicBool| {
+            if b.load(Ordering::Relaxed) {
+                "ok"
+            } else {
+                "unavailable"
+            }
+        };
         format!(
             "postgres: {}\nkafka: {}\n",
             word(&self.postgres),
@@ -84,11 +90,7 @@ pub async fn serve(
                 "/metrics" => ("200 OK", "text/plain; version=0.0.4", handle.render()),
                 "/healthz" => ("200 OK", "text/plain", "ok\n".to_string()),
                 "/readyz" if readiness.is_ready() => ("200 OK", "text/plain", readiness.report()),
-                "/readyz" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    readiness.report(),
-                ),
+                "/readyz" => ("503 Service Unavailable", "text/plain", readiness.report()),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };
             let response = format!(

@@ -71,7 +71,10 @@ pub fn metrics_handle() -> Result<PrometheusHandle, RunError> {
 
 /// Connects to Postgres, retrying with capped backoff (logged) unless
 /// `relay.fail_fast` is set.
-pub async fn connect_db(settings: &Settings, token: &CancellationToken) -> Result<PgPool, RunError> {
+pub async fn connect_db(
+    settings: &Settings,
+    token: &CancellationToken,
+) -> Result<PgPool, RunError> {
     let db = &settings.database;
     let mut delays = relay::db_backoff();
     loop {
@@ -84,7 +87,9 @@ pub async fn connect_db(settings: &Settings, token: &CancellationToken) -> Resul
         {
             Ok(pool) => return Ok(pool),
             Err(err) if settings.relay.fail_fast || token.is_cancelled() => return Err(err.into()),
-            Err(err) if failure::classify_db(&err) == failure::DbClass::Fatal => return Err(err.into()),
+            Err(err) if failure::classify_db(&err) == failure::DbClass::Fatal => {
+                return Err(err.into())
+            }
             Err(err) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
                 tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
@@ -138,7 +143,11 @@ pub async fn connect_kafka(
 /// `outbox_relays` and logs.
 pub fn relay_id() -> String {
     let host = hostname();
-    format!("{host}-{}-{}", std::process::id(), &writer::new_event_id()[20..])
+    format!(
+        "{host}-{}-{}",
+        std::process::id(),
+        &writer::new_event_id()[20..]
+    )
 }
 
 fn hostname() -> String {
@@ -213,7 +222,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             source,
         })?;
         tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-        tokio::spawn(http::serve(listener, handle, readiness.clone(), token.clone()));
+        tokio::spawn(http::serve(
+            listener,
+            handle,
+            readiness.clone(),
+            token.clone(),
+        ));
     }
 
     let work = async {
@@ -225,7 +239,12 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             brokers = %settings.kafka.brokers,
             "relay started"
         );
-        let relay = Arc::new(Relay::new(pool.clone(), producer, catalog.clone(), settings.clone()));
+        let relay = Arc::new(Relay::new(
+            pool.clone(),
+            producer,
+            catalog.clone(),
+            settings.clone(),
+        ));
         let relay_id = relay_id();
         let watcher = tokio::spawn(watch(
             relay.clone(),

@@ -12,7 +12,11 @@ use outbox_relay::sql::{self, DlqFilter};
 use outbox_relay::{status, topics};
 
 #[derive(Parser)]
-#[command(name = "outbox-relay", version, about = "Relays events from a PostgreSQL outbox to Kafka")]
+#[command(
+    name = "outbox-relay",
+    version,
+    about = "Relays events from a PostgreSQL outbox to Kafka"
+)]
 struct Cli {
     /// Configuration file (default: config/relay.toml when it exists).
     #[arg(long, global = true, env = "OUTBOX_RELAY_CONFIG")]
@@ -127,9 +131,11 @@ enum DlqCmd {
 
 fn init_tracing(settings: &Settings) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&settings.log.level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if settings.log.format == "json" {
         builder.json().flatten_event(true).init();
     } else {
@@ -172,7 +178,10 @@ async fn main() -> Result<()> {
         }
         Command::Catalog(CatalogCmd::List) => {
             let catalog = Catalog::load(&settings.catalog.paths)?;
-            print!("{}", catalog.render_table(settings.topics.default_retention_days));
+            print!(
+                "{}",
+                catalog.render_table(settings.topics.default_retention_days)
+            );
         }
         Command::Catalog(CatalogCmd::Check { files }) => {
             let mut paths = settings.catalog.paths.clone();
@@ -206,14 +215,23 @@ async fn main() -> Result<()> {
                     let what = match &r.action {
                         topics::TopicAction::Created => "created".to_string(),
                         topics::TopicAction::UpToDate => "up to date".to_string(),
-                        topics::TopicAction::Drift { changes, applied: true } => {
+                        topics::TopicAction::Drift {
+                            changes,
+                            applied: true,
+                        } => {
                             format!("changed: {}", changes.join("; "))
                         }
-                        topics::TopicAction::Drift { changes, applied: false } => {
+                        topics::TopicAction::Drift {
+                            changes,
+                            applied: false,
+                        } => {
                             format!("DRIFT (run with --apply to change): {}", changes.join("; "))
                         }
                     };
-                    println!("{:<40} partitions={:<3} retention={days}d  {what}", r.topic, r.partitions);
+                    println!(
+                        "{:<40} partitions={:<3} retention={days}d  {what}",
+                        r.topic, r.partitions
+                    );
                 }
             }
         }
@@ -234,7 +252,11 @@ async fn main() -> Result<()> {
 async fn dlq(settings: &Settings, cmd: DlqCmd) -> Result<()> {
     let pool = pool(settings).await?;
     match cmd {
-        DlqCmd::List { filter, limit, json } => {
+        DlqCmd::List {
+            filter,
+            limit,
+            json,
+        } => {
             let entries = sql::dlq_list(&pool, &filter.into(), limit).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&entries)?);

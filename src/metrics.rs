@@ -36,7 +36,9 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
         .set_buckets_for_metric(Matcher::Full(CLAIM_DURATION.into()), &latency_buckets)?
         .set_buckets_for_metric(
             Matcher::Full(BATCH_SIZE.into()),
-            &[1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0],
+            &[
+                1.0, 10.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+            ],
         )?
         .install_recorder()?;
     describe();
@@ -44,18 +46,27 @@ pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildE
 }
 
 fn describe() {
-    describe_counter!(PUBLISHED, "Events acknowledged by Kafka and removed from the outbox.");
+    describe_counter!(
+        PUBLISHED,
+        "Events acknowledged by Kafka and removed from the outbox."
+    );
     describe_counter!(
         PUBLISH_FAILURES,
         "Transient publish failures; the event stays in the outbox and is retried."
     );
     describe_counter!(DEAD_LETTERED, "Events moved to outbox_dlq, by reason.");
-    describe_gauge!(PENDING, "Events waiting in the outbox (an estimate above 100k).");
+    describe_gauge!(
+        PENDING,
+        "Events waiting in the outbox (an estimate above 100k)."
+    );
     describe_gauge!(
         OLDEST_PENDING_AGE,
         "Age of the oldest event still in the outbox, in seconds: the lag alert."
     );
-    describe_gauge!(DLQ_EVENTS, "Dead events waiting for an admin in outbox_dlq.");
+    describe_gauge!(
+        DLQ_EVENTS,
+        "Dead events waiting for an admin in outbox_dlq."
+    );
     describe_histogram!(
         PUBLISH_LATENCY,
         "From the event's occurredAt to Kafka's acknowledgement, in seconds."
@@ -63,13 +74,22 @@ fn describe() {
     describe_histogram!(BATCH_SIZE, "Rows claimed per batch.");
     describe_histogram!(CLAIM_DURATION, "Time to claim one batch, in seconds.");
     describe_gauge!(LEASES_OWNED, "Virtual-partition leases this relay holds.");
-    describe_gauge!(RELAY_INFO, "Always 1; the version label says which build runs.");
+    describe_gauge!(
+        RELAY_INFO,
+        "Always 1; the version label says which build runs."
+    );
     describe_gauge!(
         PRODUCER_QUEUE_MESSAGES,
         "Messages in librdkafka's producer queues."
     );
-    describe_gauge!(PRODUCER_QUEUE_BYTES, "Bytes in librdkafka's producer queues.");
-    describe_gauge!(BROKER_RTT, "Average broker round-trip time per broker, in seconds.");
+    describe_gauge!(
+        PRODUCER_QUEUE_BYTES,
+        "Bytes in librdkafka's producer queues."
+    );
+    describe_gauge!(
+        BROKER_RTT,
+        "Average broker round-trip time per broker, in seconds."
+    );
     describe_gauge!(
         LAST_PUBLISH,
         "Unix time of the last batch Kafka acknowledged."

@@ -60,8 +60,14 @@ pub fn producer_config(k: &KafkaSettings) -> ClientConfig {
         .set("compression.type", &k.compression)
         .set("linger.ms", k.linger_ms.to_string())
         .set("message.timeout.ms", k.message_timeout_ms.to_string())
-        .set("request.timeout.ms", k.request_timeout_ms.min(k.message_timeout_ms).to_string())
-        .set("message.max.bytes", k.max_message_bytes.max(1_000_000).to_string())
+        .set(
+            "request.timeout.ms",
+            k.request_timeout_ms.min(k.message_timeout_ms).to_string(),
+        )
+        .set(
+            "message.max.bytes",
+            k.max_message_bytes.max(1_000_000).to_string(),
+        )
         // A batch of the relay is at most relay.batch_size messages; keep the
         // whole batch in one queue so produce() does not block on QueueFull.
         .set("queue.buffering.max.messages", "200000")
@@ -114,7 +120,10 @@ pub struct Ack {
 
 /// Produces every message of a batch, in order, then waits for all delivery
 /// reports. Results are index-aligned with `batch`.
-pub async fn publish_batch(producer: &RelayProducer, batch: &[Prepared]) -> Vec<Result<Ack, KafkaError>> {
+pub async fn publish_batch(
+    producer: &RelayProducer,
+    batch: &[Prepared],
+) -> Vec<Result<Ack, KafkaError>> {
     let mut pending = Vec::with_capacity(batch.len());
     for msg in batch {
         let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());

@@ -189,7 +189,8 @@ impl Relay {
                         reason = reason.as_str(), attempts = attempts + 1, error = %err, "event dead-lettered");
                     dead.ids.push(msg.id);
                     dead.reasons.push(reason.as_str());
-                    dead.errors.push(format!("after {} attempts: {err}", attempts + 1));
+                    dead.errors
+                        .push(format!("after {} attempts: {err}", attempts + 1));
                     dead_types.push((msg.def.event_type.clone(), reason));
                 }
                 Class::Transient(label) => {

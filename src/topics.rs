@@ -28,7 +28,10 @@ pub enum TopicAction {
     Created,
     UpToDate,
     /// Differences found; `applied` says whether they were changed.
-    Drift { changes: Vec<String>, applied: bool },
+    Drift {
+        changes: Vec<String>,
+        applied: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -67,7 +70,11 @@ pub fn desired(settings: &Settings, catalog: &Catalog) -> BTreeMap<String, (i32,
         .collect()
 }
 
-pub async fn ensure(settings: &Settings, catalog: &Catalog, apply: bool) -> Result<Vec<TopicReport>, TopicsError> {
+pub async fn ensure(
+    settings: &Settings,
+    catalog: &Catalog,
+    apply: bool,
+) -> Result<Vec<TopicReport>, TopicsError> {
     let admin = admin_client(settings)?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let metadata = admin
@@ -81,8 +88,10 @@ pub async fn ensure(settings: &Settings, catalog: &Catalog, apply: bool) -> Resu
     let mut reports = Vec::new();
     let wanted = desired(settings, catalog);
 
-    let missing: Vec<(&String, &(i32, i64))> =
-        wanted.iter().filter(|(t, _)| !existing.contains_key(*t)).collect();
+    let missing: Vec<(&String, &(i32, i64))> = wanted
+        .iter()
+        .filter(|(t, _)| !existing.contains_key(*t))
+        .collect();
     if !missing.is_empty() {
         let retention: Vec<String> = missing.iter().map(|(_, (_, r))| r.to_string()).collect();
         let new_topics: Vec<NewTopic> = missing
@@ -157,7 +166,8 @@ pub async fn ensure(settings: &Settings, catalog: &Catalog, apply: bool) -> Resu
         if apply {
             if actual_retention != Some(*retention_ms) {
                 let value = retention_ms.to_string();
-                let alter = AlterConfig::new(ResourceSpecifier::Topic(topic)).set("retention.ms", &value);
+                let alter =
+                    AlterConfig::new(ResourceSpecifier::Topic(topic)).set("retention.ms", &value);
                 for r in admin.alter_configs([&alter], &opts).await? {
                     if let Err((_, code)) = r {
                         return Err(TopicsError::Topic {

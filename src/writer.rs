@@ -184,24 +184,112 @@ mod tests {
             let def = catalog.get(E::EVENT_TYPE).expect(E::EVENT_TYPE);
             let v = serde_json::to_value(&e).unwrap();
             def.validate_payload(&v).unwrap();
-            assert_eq!(v.as_object().unwrap().len(), def.payload.len(), "{}", E::EVENT_TYPE);
+            assert_eq!(
+                v.as_object().unwrap().len(),
+                def.payload.len(),
+                "{}",
+                E::EVENT_TYPE
+            );
             E::EVENT_TYPE
         }
         let s = || "x".to_string();
         let types = [
-            check(&catalog, UserCreated { user_id: s(), email: s(), tenant_id: s(), roles: vec![] }),
-            check(&catalog, UserLoggedIn { user_id: s(), tenant_id: s(), ip: s(), user_agent: s() }),
-            check(&catalog, RoleChanged { user_id: s(), old_roles: vec![], new_roles: vec![] }),
-            check(&catalog, ModuleRegistered { module_id: s(), name: s(), version: s() }),
+            check(
+                &catalog,
+                UserCreated {
+                    user_id: s(),
+                    email: s(),
+                    tenant_id: s(),
+                    roles: vec![],
+                },
+            ),
+            check(
+                &catalog,
+                UserLoggedIn {
+                    user_id: s(),
+                    tenant_id: s(),
+                    ip: s(),
+                    user_agent: s(),
+                },
+            ),
+            check(
+                &catalog,
+                RoleChanged {
+                    user_id: s(),
+                    old_roles: vec![],
+                    new_roles: vec![],
+                },
+            ),
+            check(
+                &catalog,
+                ModuleRegistered {
+                    module_id: s(),
+                    name: s(),
+                    version: s(),
+                },
+            ),
             check(&catalog, ModuleActivated { module_id: s() }),
             check(&catalog, ModuleDeactivated { module_id: s() }),
-            check(&catalog, WalletCredited { tx_id: s(), user_id: s(), amount_cents: 1, currency: s() }),
-            check(&catalog, WalletDebited { tx_id: s(), user_id: s(), amount_cents: 1, currency: s() }),
-            check(&catalog, FileUploaded { file_id: s(), user_id: s(), bucket: s(), key: s(), size: 1 }),
-            check(&catalog, NotificationSent { notification_id: s(), channel: s(), user_id: s() }),
-            check(&catalog, AuditRecordCreated { audit_id: s(), action: s(), user_id: s() }),
-            check(&catalog, PlanChanged { tenant_id: s(), old_plan: s(), new_plan: s() }),
-            check(&catalog, SubscriptionChanged { tenant_id: s(), old_status: s(), new_status: s() }),
+            check(
+                &catalog,
+                WalletCredited {
+                    tx_id: s(),
+                    user_id: s(),
+                    amount_cents: 1,
+                    currency: s(),
+                },
+            ),
+            check(
+                &catalog,
+                WalletDebited {
+                    tx_id: s(),
+                    user_id: s(),
+                    amount_cents: 1,
+                    currency: s(),
+                },
+            ),
+            check(
+                &catalog,
+                FileUploaded {
+                    file_id: s(),
+                    user_id: s(),
+                    bucket: s(),
+                    key: s(),
+                    size: 1,
+                },
+            ),
+            check(
+                &catalog,
+                NotificationSent {
+                    notification_id: s(),
+                    channel: s(),
+                    user_id: s(),
+                },
+            ),
+            check(
+                &catalog,
+                AuditRecordCreated {
+                    audit_id: s(),
+                    action: s(),
+                    user_id: s(),
+                },
+            ),
+            check(
+                &catalog,
+                PlanChanged {
+                    tenant_id: s(),
+                    old_plan: s(),
+                    new_plan: s(),
+                },
+            ),
+            check(
+                &catalog,
+                SubscriptionChanged {
+                    tenant_id: s(),
+                    old_status: s(),
+                    new_status: s(),
+                },
+            ),
         ];
         assert_eq!(types.len(), catalog.events.len());
     }
@@ -210,6 +298,8 @@ mod tests {
     fn event_ids_are_lowercase_ulids() {
         let id = new_event_id();
         assert_eq!(id.len(), 26);
-        assert!(id.chars().all(|c| c.is_ascii_digit() || c.is_ascii_lowercase()));
+        assert!(id
+            .chars()
+            .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase()));
     }
 }

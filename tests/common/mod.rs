@@ -1,0 +1,392 @@
+//! Test helpers: each test gets its own database (migrated, catalog mirrored)
+//! and its own topic prefix (topics created through `topics::ensure`) on the
+//! local Postgres and Kafka that `scripts/services.sh up` starts, and reads
+//! back through a real Kafka consumer.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox_relay::catalog::Catalog;
+use outbox_relay::config::{Secret, Settings};
+use outbox_relay::relay::{Outcome, Relay};
+use outbox_relay::{publish, sql, topics};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::ClientConfig;
+use serde_json::Value;
+use sqlx::PgPool;
+
+pub fn admin_url() -> String {
+    std::env::var("OUTBOX_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/postgres".into())
+}
+
+pub fn brokers() -> String {
+    std::env::var("OUTBOX_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:19092".into())
+}
+
+pub fn catalog_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/config/catalog"))
+}
+
+/// A short unique lowercase name part.
+pub fn unique() -> String {
+    outbox_relay::writer::new_event_id()[..26].to_string()
+}
+
+/// Replaces the database name of a Postgres URL.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, _) = url.rsplit_once('/').expect("database URL has a path");
+    format!("{base}/{db}")
+}
+
+pub struct TestEnv {
+    pub db_name: String,
+    pub db_url: String,
+    pub pool: PgPool,
+    pub prefix: String,
+    pub settings: Settings,
+    pub catalog: Arc<Catalog>,
+}
+
+/// One message read back from Kafka.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub key: String,
+    pub value: Value,
+    pub headers: HashMap<String, String>,
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        Self::with_partitions(3).await
+    }
+
+    pub async fn with_partitions(partitions: i32) -> TestEnv {
+        let id = unique();
+        let db_name = format!("t_{id}");
+        let admin = sqlx::PgPool::connect(&admin_url())
+            .await
+            .expect("local Postgres is not running: run `bash scripts/services.sh up`");
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
+        admin.close().await;
+        let db_url = with_database(&admin_url(), &db_name);
+        let pool = PgPool::connect(&db_url).await.unwrap();
+        sql::migrate(&pool).await.unwrap();
+        let catalog = Arc::new(Catalog::load(&[catalog_dir()]).unwrap());
+        sql::sync_catalog(&pool, &catalog).await.unwrap();
+
+        let prefix = format!("t{id}.");
+        let mut settings = Settings::default();
+        settings.database.url = Secret::new(db_url.clone());
+        settings.kafka.brokers = brokers();
+        settings.kafka.topic_prefix = prefix.clone();
+        settings.catalog.paths = vec![catalog_dir()];
+        settings.topics.partitions = partitions;
+        settings.http.listen = String::new();
+        settings.relay.source = format!("t{}", &id[16..]);
+        settings.relay.retry_base_ms = 50;
+        settings.relay.retry_max_ms = 500;
+        topics::ensure(&settings, &catalog, false)
+            .await
+            .expect("local Kafka is not running: run `bash scripts/services.sh up`");
+        TestEnv {
+            db_name,
+            db_url,
+            pool,
+            prefix,
+            settings,
+            catalog,
+        }
+    }
+
+    pub fn topic(&self, catalog_topic: &str) -> String {
+        format!("{}{catalog_topic}", self.prefix)
+    }
+
+    /// Inserts one event with plain SQL (as the superuser, so the trigger
+    /// stamps the catalog publisher). Returns the generated event id.
+    pub async fn insert(&self, event_type: &str, payload: Value) -> String {
+        sqlx::query_scalar(
+            "INSERT INTO outbox (event_type, payload) VALUES ($1, $2) RETURNING event_id",
+        )
+        .bind(event_type)
+        .bind(payload)
+        .fetch_one(&self.pool)
+        .await
+        .unwrap()
+    }
+
+    pub async fn outbox_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    pub async fn dlq_count(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM outbox_dlq WHERE state = 'dead'")
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
+
+    /// A relay on this environment, for driving one step at a time.
+    pub async fn relay(&self) -> Relay {
+        self.relay_with(self.settings.clone()).await
+    }
+
+    pub async fn relay_with(&self, settings: Settings) -> Relay {
+        let producer = publish::create_producer(&settings.kafka).unwrap();
+        Relay::new(
+            self.pool.clone(),
+            Arc::new(producer),
+            self.catalog.clone(),
+            Arc::new(settings),
+        )
+    }
+
+    /// Steps until a step finds nothing due; returns the steps' outcomes.
+    pub async fn drain(&self, relay: &Relay) -> Vec<Outcome> {
+        let mut outcomes = Vec::new();
+        loop {
+            let o = relay.step().await.unwrap();
+            if o == Outcome::Empty {
+                return outcomes;
+            }
+            outcomes.push(o);
+        }
+    }
+
+    /// A consumer reading `topics` from the beginning with its own group.
+    pub fn consumer(&self, topics: &[String]) -> StreamConsumer {
+        let consumer: StreamConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", format!("test-{}", unique()))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&names).unwrap();
+        consumer
+    }
+
+    /// Reads until `n` messages arrived or `timeout` passed.
+    pub async fn consume(&self, topics: &[String], n: usize, timeout: Duration) -> Vec<Received> {
+        let consumer = self.consumer(topics);
+        read(&consumer, n, timeout).await
+    }
+
+    /// Every catalog topic of this environment.
+    pub fn all_topics(&self) -> Vec<String> {
+        self.catalog.topics.keys().map(|t| self.topic(t)).collect()
+    }
+
+    /// Environment variables that point the `outbox-relay` binary here.
+    pub fn process_env(&self) -> Vec<(String, String)> {
+        let s = &self.settings;
+        vec![
+            ("DATABASE_URL".into(), self.db_url.clone()),
+            (
+                "OUTBOX_RELAY_KAFKA__BROKERS".into(),
+                s.kafka.brokers.clone(),
+            ),
+            (
+                "OUTBOX_RELAY_KAFKA__TOPIC_PREFIX".into(),
+                self.prefix.clone(),
+            ),
+            (
+                "OUTBOX_RELAY_CATALOG__PATHS".into(),
+                format!("[\"{}\"]", catalog_dir().display()),
+            ),
+            ("OUTBOX_RELAY_RELAY__SOURCE".into(), s.relay.source.clone()),
+            (
+                "OUTBOX_RELAY_RELAY__RETRY_BASE_MS".into(),
+                s.relay.retry_base_ms.to_string(),
+            ),
+            (
+                "OUTBOX_RELAY_RELAY__RETRY_MAX_MS".into(),
+                s.relay.retry_max_ms.to_string(),
+            ),
+            ("OUTBOX_RELAY_HTTP__LISTEN".into(), String::new()),
+            ("RUST_LOG".into(), "info".into()),
+        ]
+    }
+
+    /// Starts the real `outbox-relay run` binary against this environment.
+    pub fn spawn_process(&self, extra_env: &[(&str, &str)]) -> Child {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+        cmd.arg("run")
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .env("OUTBOX_RELAY_CONFIG", "/dev/null")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for (k, v) in self.process_env() {
+            cmd.env(k, v);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        cmd.spawn().expect("starting outbox-relay")
+    }
+}
+
+pub async fn read(consumer: &StreamConsumer, n: usize, timeout: Duration) -> Vec<Received> {
+    let deadline = Instant::now() + timeout;
+    let mut out = Vec::new();
+    while out.len() < n {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match tokio::time::timeout(left, consumer.recv()).await {
+            Ok(Ok(m)) => out.push(received(&m)),
+            Ok(Err(e)) => panic!("consumer error: {e}"),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+pub fn received<M: Message>(m: &M) -> Received {
+    let mut headers = HashMap::new();
+    if let Some(h) = m.headers() {
+        for i in 0..h.count() {
+            let header = h.get(i);
+            headers.insert(
+                header.key.to_string(),
+                String::from_utf8_lossy(header.value.unwrap_or_default()).into_owned(),
+            );
+        }
+    }
+    Received {
+        topic: m.topic().to_string(),
+        partition: m.partition(),
+        offset: m.offset(),
+        key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+        value: serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null),
+        headers,
+    }
+}
+
+/// Example payloads of the catalog (the seed's examples).
+pub fn example_payload(event_type: &str) -> Value {
+    use serde_json::json;
+    let user = "01j9pa5mz700000000000000";
+    let tenant = "01j9p3kz5f00000000000000";
+    match event_type {
+        "auth.user.created" => {
+            json!({"userId": user, "email": "ada@example.com", "tenantId": tenant, "roles": ["member"]})
+        }
+        "auth.user.logged_in" => {
+            json!({"userId": user, "tenantId": tenant, "ip": "203.0.113.42", "userAgent": "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7)..."})
+        }
+        "auth.role.changed" => {
+            json!({"userId": user, "oldRoles": ["member"], "newRoles": ["member", "moderator"]})
+        }
+        "module.registry.registered" => {
+            json!({"moduleId": "01j9pamod100000000000000", "name": "@acme/crm", "version": "1.2.0"})
+        }
+        "module.registry.activated" | "module.registry.deactivated" => {
+            json!({"moduleId": "01j9pamod100000000000000"})
+        }
+        "money.wallet.credited" => {
+            json!({"txId": "01j9patx500000000000000", "userId": user, "amountCents": 10000, "currency": "USD"})
+        }
+        "money.wallet.debited" => {
+            json!({"txId": "01j9patx600000000000000", "userId": user, "amountCents": 2500, "currency": "USD"})
+        }
+        "files.file.uploaded" => {
+            json!({"fileId": "01j9paf1l000000000000000", "userId": user, "bucket": "module-crm-attachments", "key": "tenants/01j9p3kz.../contacts/01j9pa5m.../resume.pdf", "size": 204800})
+        }
+        "notify.notification.sent" => {
+            json!({"notificationId": "01j9panot700000000000000", "channel": "email", "userId": user})
+        }
+        "audit.record.created" => {
+            json!({"auditId": "01j9paaud800000000000000", "action": "auth.user.logged_in", "userId": user})
+        }
+        "billing.plan.changed" => {
+            json!({"tenantId": tenant, "oldPlan": "starter", "newPlan": "professional"})
+        }
+        "billing.subscription.changed" => {
+            json!({"tenantId": tenant, "oldStatus": "trialing", "newStatus": "active"})
+        }
+        other => panic!("no example for {other}"),
+    }
+}
+
+/// Java's `Utils.murmur2`, written from the Kafka client's definition, so
+/// tests can check the partition independently of librdkafka.
+pub fn murmur2(data: &[u8]) -> i32 {
+    let seed: u32 = 0x9747_b28c;
+    let m: u32 = 0x5bd1_e995;
+    let r = 24;
+    let len = data.len();
+    let mut h: u32 = seed ^ (len as u32);
+    let chunks = len / 4;
+    for i in 0..chunks {
+        let b = &data[i * 4..i * 4 + 4];
+        let mut k = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+        k = k.wrapping_mul(m);
+        k ^= k >> r;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    let tail = &data[chunks * 4..];
+    match tail.len() {
+        3 => {
+            h ^= (tail[2] as u32) << 16;
+            h ^= (tail[1] as u32) << 8;
+            h ^= tail[0] as u32;
+            h = h.wrapping_mul(m);
+        }
+        2 => {
+            h ^= (tail[1] as u32) << 8;
+            h ^= tail[0] as u32;
+            h = h.wrapping_mul(m);
+        }
+        1 => {
+            h ^= tail[0] as u32;
+            h = h.wrapping_mul(m);
+        }
+        _ => {}
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    h as i32
+}
+
+/// The partition the Java client's default partitioner picks for a key.
+pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    (murmur2(key) & 0x7fff_ffff) % partitions
+}
+
+/// Waits for `cond` (polled every 50 ms) up to `timeout`.
+pub async fn eventually<F, Fut>(timeout: Duration, mut cond: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
