@@ -76,6 +76,10 @@ pub struct Settings {
     pub kafka: KafkaSettings,
     pub catalog: CatalogSettings,
     pub relay: RelaySettings,
+    pub leases: LeaseSettings,
+    /// Several source databases in one process. Empty: the one source is
+    /// `database.url`, named `relay.source`.
+    pub sources: Vec<SourceSettings>,
     pub topics: TopicSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
@@ -163,6 +167,40 @@ pub struct RelaySettings {
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
+pub struct LeaseSettings {
+    /// Publish only the virtual partitions this relay holds a lease on, so
+    /// several relays keep per-key order. Off: one relay claims everything
+    /// with SKIP LOCKED (do not run two relays on one outbox then).
+    pub enabled: bool,
+    /// How long a lease lasts without renewal: the failover bound when a
+    /// relay dies.
+    pub ttl_ms: u64,
+    /// How often leases are renewed and rebalanced.
+    pub renew_interval_ms: u64,
+    /// Virtual partitions created by `outbox-relay migrate` on a new
+    /// database. Fixed afterwards (see docs/scaling.md).
+    pub vpartitions: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSettings {
+    /// The `source` label on this database's metrics.
+    pub name: String,
+    pub url: Secret,
+    pub max_connections: Option<u32>,
+}
+
+/// One source database as the relay runs it.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub url: Secret,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
 pub struct TopicSettings {
     pub partitions: i32,
     pub replication_factor: i32,
@@ -202,8 +240,8 @@ impl Default for Settings {
                 tls: None,
                 compression: "lz4".into(),
                 linger_ms: 2,
-                message_timeout_ms: 30_000,
-                request_timeout_ms: 10_000,
+                message_timeout_ms: 10_000,
+                request_timeout_ms: 5_000,
                 max_message_bytes: 1_000_000,
                 librdkafka: BTreeMap::new(),
             },
@@ -220,6 +258,13 @@ impl Default for Settings {
                 fail_fast: false,
                 shutdown_timeout_ms: 30_000,
             },
+            leases: LeaseSettings {
+                enabled: true,
+                ttl_ms: 10_000,
+                renew_interval_ms: 2_000,
+                vpartitions: 256,
+            },
+            sources: Vec::new(),
             topics: TopicSettings {
                 partitions: 6,
                 replication_factor: 1,
@@ -440,6 +485,52 @@ impl Settings {
                 "must be ≥ relay.retry_base_ms, and retry_base_ms > 0",
             ));
         }
+        if self.leases.ttl_ms < 1_000 {
+            return Err(ConfigError::invalid(
+                "leases.ttl_ms",
+                "must be at least 1000",
+            ));
+        }
+        if self.leases.renew_interval_ms == 0
+            || self.leases.renew_interval_ms * 3 > self.leases.ttl_ms
+        {
+            return Err(ConfigError::invalid(
+                "leases.renew_interval_ms",
+                "must be > 0 and at most a third of leases.ttl_ms, so one missed renewal never loses a lease",
+            ));
+        }
+        if self.leases.vpartitions == 0 || self.leases.vpartitions > 4096 {
+            return Err(ConfigError::invalid(
+                "leases.vpartitions",
+                "must be between 1 and 4096",
+            ));
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for (i, src) in self.sources.iter().enumerate() {
+            let valid_name = !src.name.is_empty()
+                && src
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+            if !valid_name {
+                return Err(ConfigError::invalid(
+                    format!("sources[{i}].name"),
+                    "must be non-empty ASCII letters, digits, `_` or `-` (it is a metric label)",
+                ));
+            }
+            if !names.insert(src.name.as_str()) {
+                return Err(ConfigError::invalid(
+                    format!("sources[{i}].name"),
+                    format!("`{}` is used by two sources", src.name),
+                ));
+            }
+            if src.url.expose().is_empty() {
+                return Err(ConfigError::invalid(
+                    format!("sources[{i}].url"),
+                    "is empty",
+                ));
+            }
+        }
         if self.topics.partitions < 1 {
             return Err(ConfigError::invalid(
                 "topics.partitions",
@@ -474,6 +565,25 @@ impl Settings {
             ));
         }
         Ok(())
+    }
+
+    /// The source databases to relay from.
+    pub fn sources(&self) -> Vec<Source> {
+        if self.sources.is_empty() {
+            return vec![Source {
+                name: self.relay.source.clone(),
+                url: self.database.url.clone(),
+                max_connections: self.database.max_connections,
+            }];
+        }
+        self.sources
+            .iter()
+            .map(|s| Source {
+                name: s.name.clone(),
+                url: s.url.clone(),
+                max_connections: s.max_connections.unwrap_or(self.database.max_connections),
+            })
+            .collect()
     }
 
     pub fn http_listen(&self) -> Option<SocketAddr> {

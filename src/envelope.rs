@@ -26,6 +26,7 @@ const RECORD_OVERHEAD: usize = 128;
 #[derive(Debug)]
 pub struct Prepared {
     pub id: i64,
+    pub vpartition: i16,
     pub event_id: String,
     pub def: Arc<EventDef>,
     /// Full Kafka topic name (configured prefix included).
@@ -84,7 +85,9 @@ fn partition_key(def: &EventDef, payload: &Value) -> Result<String, Rejected> {
     let field = &def.partition_key;
     match payload.get(field) {
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
-        Some(Value::Number(n)) => Ok(n.to_string()),
+        // Integers only: a float's text form is not stable across writers
+        // (1.0 vs 1), and the key decides the partition.
+        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
         Some(Value::String(_)) => Err(reject(
             DlqReason::MissingPartitionKey,
             format!("partition key $.{field} is empty"),
@@ -97,6 +100,7 @@ fn partition_key(def: &EventDef, payload: &Value) -> Result<String, Rejected> {
                     Value::Null => "null",
                     Value::Bool(_) => "boolean",
                     Value::Array(_) => "array",
+                    Value::Number(_) => "non-integer number",
                     _ => "object",
                 }
             ),
@@ -224,6 +228,7 @@ pub fn prepare(
     }
     Ok(Prepared {
         id: row.id,
+        vpartition: row.vpartition,
         event_id: row.event_id.clone(),
         def: def.clone(),
         topic: format!("{topic_prefix}{}", def.topic),
@@ -261,6 +266,7 @@ mod tests {
                 .with_timezone(&Utc),
             attempts: 0,
             publisher: Some("money".into()),
+            vpartition: 0,
         }
     }
 

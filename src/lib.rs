@@ -7,9 +7,11 @@
 
 pub mod catalog;
 pub mod config;
+pub mod consumer;
 pub mod envelope;
 pub mod failure;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod publish;
 pub mod relay;
@@ -69,19 +71,23 @@ pub fn metrics_handle() -> Result<PrometheusHandle, RunError> {
     Ok(HANDLE.get_or_init(|| h).clone())
 }
 
-/// Connects to Postgres, retrying with capped backoff (logged) unless
-/// `relay.fail_fast` is set.
+/// Connects to a source database, retrying with capped backoff (logged)
+/// unless `relay.fail_fast` is set.
 pub async fn connect_db(
     settings: &Settings,
+    source: &config::Source,
     token: &CancellationToken,
 ) -> Result<PgPool, RunError> {
-    let db = &settings.database;
     let mut delays = relay::db_backoff();
+    // A stalled relay's transaction must end before another relay may
+    // take its leases over: bounded by the lease ttl plus one Kafka wait.
+    let idle = Duration::from_millis(settings.leases.ttl_ms + settings.kafka.message_timeout_ms);
     loop {
-        match sql::connect(
-            db.url.expose(),
-            db.max_connections,
-            Duration::from_millis(db.connect_timeout_ms),
+        match sql::connect_relay(
+            source.url.expose(),
+            source.max_connections,
+            Duration::from_millis(settings.database.connect_timeout_ms),
+            idle,
         )
         .await
         {
@@ -92,8 +98,8 @@ pub async fn connect_db(
             }
             Err(err) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
-                    "waiting for Postgres");
+                tracing::warn!(source = %source.name, error = %err,
+                    retry_in_ms = delay.as_millis() as u64, "waiting for Postgres");
                 tokio::select! {
                     _ = token.cancelled() => return Err(err.into()),
                     _ = tokio::time::sleep(delay) => {}
@@ -140,11 +146,11 @@ pub async fn connect_kafka(
 }
 
 /// A name for this relay process, unique enough to tell relays apart in
-/// `outbox_relays` and logs.
+/// `outbox_relays`, `outbox_leases` and logs.
 pub fn relay_id() -> String {
-    let host = hostname();
     format!(
-        "{host}-{}-{}",
+        "{}-{}-{}",
+        hostname(),
         std::process::id(),
         &writer::new_event_id()[20..]
     )
@@ -156,41 +162,56 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "unknown".into())
 }
 
-/// Every two seconds: backlog gauges, readiness, and this relay's heartbeat.
+/// Readiness of every source plus Kafka, folded into [`Readiness`].
+struct SourceHealth {
+    readiness: Arc<Readiness>,
+    sources: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+}
+
+impl SourceHealth {
+    fn set(&self, source: &str, ok: bool) {
+        let mut map = self.sources.lock().expect("source health");
+        map.insert(source.to_string(), ok);
+        self.readiness.set_postgres(map.values().all(|ok| *ok));
+    }
+}
+
+/// Every two seconds: backlog gauges and readiness of one source (and the
+/// heartbeat when leases are off; the lease task sends it otherwise).
 /// Cheap with millions of rows: see [`sql::backlog`].
 async fn watch(
     relay: Arc<Relay>,
     relay_id: String,
-    settings: Arc<Settings>,
-    readiness: Arc<Readiness>,
+    health: Arc<SourceHealth>,
     token: CancellationToken,
 ) {
-    let source = settings.relay.source.clone();
+    let source = relay.source().to_string();
     let host = hostname();
     let pool = relay.pool().clone();
     loop {
         match sql::backlog(&pool, EXACT_COUNT_BELOW).await {
             Ok(b) => {
-                readiness.set_postgres(true);
+                health.set(&source, true);
                 metrics::backlog(&source, b.pending, b.oldest_pending_age_seconds, b.dlq_dead);
             }
             Err(err) => {
-                readiness.set_postgres(false);
-                tracing::warn!(error = %err, "backlog query failed");
+                health.set(&source, false);
+                tracing::warn!(source = %source, error = %err, "backlog query failed");
             }
         }
-        if let Err(err) = sql::heartbeat(
-            &pool,
-            &relay_id,
-            &source,
-            &host,
-            VERSION,
-            relay.last_publish(),
-            relay.published_total() as i64,
-        )
-        .await
-        {
-            tracing::debug!(error = %err, "heartbeat failed");
+        if relay.leases().is_none() {
+            if let Ok(mut conn) = pool.acquire().await {
+                let _ = sql::heartbeat(
+                    &mut conn,
+                    &relay_id,
+                    &source,
+                    &host,
+                    VERSION,
+                    relay.progress().last_publish(),
+                    relay.progress().published_total() as i64,
+                )
+                .await;
+            }
         }
         let p = relay.producer();
         let kafka_ok = tokio::task::spawn_blocking(move || {
@@ -198,12 +219,70 @@ async fn watch(
         })
         .await
         .unwrap_or(false);
-        readiness.set_kafka(kafka_ok);
+        health.readiness.set_kafka(kafka_ok);
         tokio::select! {
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
+}
+
+/// Relays one source database until `token` is cancelled. A source that is
+/// down keeps retrying on its own; the others are not held up.
+async fn run_source(
+    source: config::Source,
+    producer: Arc<RelayProducer>,
+    catalog: Arc<Catalog>,
+    settings: Arc<Settings>,
+    health: Arc<SourceHealth>,
+    token: CancellationToken,
+) -> Result<Arc<RelayProducer>, RunError> {
+    health.set(&source.name, false);
+    let pool = connect_db(&settings, &source, &token).await?;
+    let relay_id = relay_id();
+    let mut relay =
+        Relay::new(pool.clone(), producer, catalog, settings.clone()).with_source(&source.name);
+    let drained = CancellationToken::new();
+    let mut lease_task = None;
+    if settings.leases.enabled {
+        let leases = lease::Leases::new(
+            relay_id.clone(),
+            source.name.clone(),
+            hostname(),
+            settings.leases.clone(),
+        );
+        relay = relay.with_leases(leases.clone());
+        lease_task = Some(tokio::spawn(lease::run(
+            leases,
+            source.url.expose().to_string(),
+            relay.progress(),
+            token.clone(),
+            drained.clone(),
+        )));
+    }
+    let relay = Arc::new(relay);
+    tracing::info!(source = %relay.source(), relay_id = %relay_id, "relaying source");
+    let watcher = tokio::spawn(watch(
+        relay.clone(),
+        relay_id.clone(),
+        health,
+        token.clone(),
+    ));
+    let result = relay.run(token.clone()).await;
+    if result.is_err() {
+        // A fatal error of this source must not leave its leases held.
+        token.cancel();
+    }
+    drained.cancel();
+    if let Some(task) = lease_task {
+        let _ = task.await;
+    } else if let Ok(mut conn) = pool.acquire().await {
+        let _ = sql::leave(&mut conn, &relay_id).await;
+    }
+    let _ = watcher.await;
+    pool.close().await;
+    result?;
+    Ok(relay.producer())
 }
 
 /// Runs the relay until `shutdown` completes: stop claiming, finish the
@@ -231,42 +310,54 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
     }
 
     let work = async {
-        let pool = connect_db(&settings, &token).await?;
         let producer = Arc::new(connect_kafka(&settings, &token).await?);
+        let health = Arc::new(SourceHealth {
+            readiness: readiness.clone(),
+            sources: Default::default(),
+        });
+        let sources = settings.sources();
         tracing::info!(
-            source = %settings.relay.source,
+            sources = sources.len(),
             events = catalog.events.len(),
             brokers = %settings.kafka.brokers,
+            leases = settings.leases.enabled,
             "relay started"
         );
-        let relay = Arc::new(Relay::new(
-            pool.clone(),
-            producer,
-            catalog.clone(),
-            settings.clone(),
-        ));
-        let relay_id = relay_id();
-        let watcher = tokio::spawn(watch(
-            relay.clone(),
-            relay_id.clone(),
-            settings.clone(),
-            readiness.clone(),
-            token.clone(),
-        ));
-        let result = relay.run(token.clone()).await;
-        token.cancel();
-        let _ = watcher.await;
-        let _ = sql::leave(&pool, &relay_id).await;
-        let producer = relay.producer();
+        let mut tasks = tokio::task::JoinSet::new();
+        for source in sources {
+            let name = source.name.clone();
+            let task = run_source(
+                source,
+                producer.clone(),
+                catalog.clone(),
+                settings.clone(),
+                health.clone(),
+                token.child_token(),
+            );
+            tasks.spawn(async move { (name, task.await) });
+        }
+        let mut first_error = None;
+        let mut latest = producer.clone();
+        while let Some(done) = tasks.join_next().await {
+            match done.expect("source task panicked") {
+                (_, Ok(p)) => latest = p,
+                (name, Err(err)) => {
+                    tracing::error!(source = %name, error = %err, "source stopped");
+                    first_error.get_or_insert(err);
+                }
+            }
+        }
         let timeout = Duration::from_millis(settings.relay.shutdown_timeout_ms);
-        let flushed = tokio::task::spawn_blocking(move || publish::flush(&producer, timeout))
+        let flushed = tokio::task::spawn_blocking(move || publish::flush(&latest, timeout))
             .await
             .expect("flush task panicked");
         if let Err(err) = flushed {
             tracing::warn!(error = %err, "producer flush at shutdown did not complete");
         }
-        pool.close().await;
-        result.map_err(RunError::from)
+        match first_error {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
     };
     tokio::pin!(work);
     tokio::pin!(shutdown);

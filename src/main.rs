@@ -172,7 +172,9 @@ async fn main() -> Result<()> {
         Command::Migrate => {
             let catalog = Catalog::load(&settings.catalog.paths)?;
             let pool = pool(&settings).await?;
-            sql::migrate(&pool).await.context("applying migrations")?;
+            sql::migrate_with(&pool, settings.leases.vpartitions)
+                .await
+                .context("applying migrations")?;
             let n = sql::sync_catalog(&pool, &catalog).await?;
             println!("migrations applied; {n} catalog events mirrored into outbox_catalog");
         }
@@ -237,12 +239,14 @@ async fn main() -> Result<()> {
         }
         Command::Dlq(cmd) => dlq(&settings, cmd).await?,
         Command::Status { json } => {
-            let pool = pool(&settings).await?;
-            let report = status::collect(&pool, &settings).await?;
+            let report = status::collect_all(&settings).await;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
                 print!("{}", report.render());
+            }
+            if !report.all_reachable() {
+                bail!("some sources could not be read (see UNREACHABLE above)");
             }
         }
     }

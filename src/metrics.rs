@@ -19,12 +19,21 @@ pub const PUBLISH_LATENCY: &str = "outbox_publish_latency_seconds";
 pub const BATCH_SIZE: &str = "outbox_batch_size";
 pub const CLAIM_DURATION: &str = "outbox_claim_duration_seconds";
 pub const LEASES_OWNED: &str = "outbox_leases_owned";
+/// Virtual partitions of a source. `sum by (source) (outbox_leases_owned)`
+/// below it means some partitions have no owner and nobody publishes them.
+pub const LEASE_PARTITIONS: &str = "outbox_lease_partitions";
 pub const RELAY_INFO: &str = "outbox_relay_info";
 pub const PRODUCER_QUEUE_MESSAGES: &str = "outbox_kafka_producer_queue_messages";
 pub const PRODUCER_QUEUE_BYTES: &str = "outbox_kafka_producer_queue_bytes";
 pub const BROKER_RTT: &str = "outbox_kafka_broker_rtt_seconds";
 pub const LAST_PUBLISH: &str = "outbox_last_publish_timestamp_seconds";
 pub const DB_ERRORS: &str = "outbox_database_errors_total";
+/// Consumer kit: every message by outcome (processed, duplicate, skipped,
+/// failed = one failed handler attempt, parked, invalid, forbidden_source).
+pub const CONSUMER_EVENTS: &str = "outbox_consumer_events_total";
+/// Consumer kit: failed attempts of the event a consumer is retrying now; 0
+/// when it is not retrying. Above a few, the consumer is blocked.
+pub const CONSUMER_RETRYING: &str = "outbox_consumer_retrying_attempts";
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
@@ -54,10 +63,13 @@ fn describe() {
         PUBLISH_FAILURES,
         "Transient publish failures; the event stays in the outbox and is retried."
     );
-    describe_counter!(DEAD_LETTERED, "Events moved to outbox_dlq, by reason.");
+    describe_counter!(
+        DEAD_LETTERED,
+        "Events moved to outbox_dlq, by event type and reason."
+    );
     describe_gauge!(
         PENDING,
-        "Events waiting in the outbox (an estimate above 100k)."
+        "Events waiting in the outbox, retries included (the planner's estimate above 100k)."
     );
     describe_gauge!(
         OLDEST_PENDING_AGE,
@@ -65,15 +77,22 @@ fn describe() {
     );
     describe_gauge!(
         DLQ_EVENTS,
-        "Dead events waiting for an admin in outbox_dlq."
+        "Dead events waiting for an admin in outbox_dlq (the planner's estimate above 100k)."
     );
     describe_histogram!(
         PUBLISH_LATENCY,
         "From the event's occurredAt to Kafka's acknowledgement, in seconds."
     );
-    describe_histogram!(BATCH_SIZE, "Rows claimed per batch.");
-    describe_histogram!(CLAIM_DURATION, "Time to claim one batch, in seconds.");
+    describe_histogram!(BATCH_SIZE, "Rows claimed per non-empty batch.");
+    describe_histogram!(
+        CLAIM_DURATION,
+        "Time to claim one batch, empty claims included, in seconds."
+    );
     describe_gauge!(LEASES_OWNED, "Virtual-partition leases this relay holds.");
+    describe_gauge!(
+        LEASE_PARTITIONS,
+        "Virtual partitions of the source; every one should have an owner."
+    );
     describe_gauge!(
         RELAY_INFO,
         "Always 1; the version label says which build runs."
@@ -110,7 +129,18 @@ pub fn publish_failure(source: &str, reason: &'static str) {
     counter!(PUBLISH_FAILURES, "source" => source.to_owned(), "reason" => reason).increment(1);
 }
 
+/// The label for an event type the catalog does not know. Such a type
+/// comes from whatever a writer stored, so it never becomes a label value
+/// itself (it is in the log line and the DLQ row). No catalog type can be
+/// called this: catalog types contain a dot.
+pub const UNKNOWN_EVENT_TYPE_LABEL: &str = "unknown";
+
 pub fn dead_lettered(source: &str, event_type: &str, reason: &'static str) {
+    let event_type = if reason == crate::failure::DlqReason::UnknownEventType.as_str() {
+        UNKNOWN_EVENT_TYPE_LABEL
+    } else {
+        event_type
+    };
     counter!(DEAD_LETTERED, "source" => source.to_owned(), "event_type" => event_type.to_owned(), "reason" => reason)
         .increment(1);
 }
@@ -125,8 +155,14 @@ pub fn publish_latency(seconds: f64) {
     histogram!(PUBLISH_LATENCY).record(seconds.max(0.0));
 }
 
+/// One claim. An idle relay claims nothing every `relay.idle_interval_ms`;
+/// those empty claims would bury the batch-size distribution under zeros,
+/// so only their duration is kept (a slow empty claim points at dead index
+/// entries at the head of the outbox: see docs/operations.md).
 pub fn batch(size: usize, claim: Duration) {
-    histogram!(BATCH_SIZE).record(size as f64);
+    if size > 0 {
+        histogram!(BATCH_SIZE).record(size as f64);
+    }
     histogram!(CLAIM_DURATION).record(claim.as_secs_f64());
 }
 
@@ -136,6 +172,10 @@ pub fn last_publish(source: &str, unix_seconds: f64) {
 
 pub fn leases_owned(source: &str, n: usize) {
     gauge!(LEASES_OWNED, "source" => source.to_owned()).set(n as f64);
+}
+
+pub fn lease_partitions(source: &str, n: usize) {
+    gauge!(LEASE_PARTITIONS, "source" => source.to_owned()).set(n as f64);
 }
 
 pub fn producer_queue(messages: u64, bytes: u64) {
@@ -149,4 +189,25 @@ pub fn broker_rtt(broker: &str, seconds: f64) {
 
 pub fn db_error(source: &str) {
     counter!(DB_ERRORS, "source" => source.to_owned()).increment(1);
+}
+
+/// Help texts of the consumer kit's metrics (a no-op before [`install`]).
+pub fn describe_consumer() {
+    describe_counter!(
+        CONSUMER_EVENTS,
+        "Messages a consumer-kit consumer finished, by event type and outcome."
+    );
+    describe_gauge!(
+        CONSUMER_RETRYING,
+        "Failed attempts of the event a consumer is retrying now (0 = not retrying)."
+    );
+}
+
+pub fn consumer_event(consumer: &str, event_type: &str, outcome: &'static str) {
+    counter!(CONSUMER_EVENTS, "consumer" => consumer.to_owned(), "event_type" => event_type.to_owned(), "outcome" => outcome)
+        .increment(1);
+}
+
+pub fn consumer_retrying(consumer: &str, attempts: u32) {
+    gauge!(CONSUMER_RETRYING, "consumer" => consumer.to_owned()).set(attempts as f64);
 }

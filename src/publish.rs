@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -118,14 +118,18 @@ pub struct Ack {
     pub offset: i64,
 }
 
-/// Produces every message of a batch, in order, then waits for all delivery
-/// reports. Results are index-aligned with `batch`.
+/// Produces every message of a batch, in order, then waits for the delivery
+/// reports until they are all in or `give_up` completes. Results are
+/// index-aligned with `batch`; `None` means no report arrived in time (the
+/// message may still be delivered: the row must be published again).
 pub async fn publish_batch(
     producer: &RelayProducer,
     batch: &[Prepared],
-) -> Vec<Result<Ack, KafkaError>> {
-    let mut pending = Vec::with_capacity(batch.len());
-    for msg in batch {
+    give_up: impl std::future::Future<Output = ()>,
+) -> Vec<Option<Result<Ack, KafkaError>>> {
+    let mut results: Vec<Option<Result<Ack, KafkaError>>> = Vec::with_capacity(batch.len());
+    let mut pending = FuturesUnordered::new();
+    for (i, msg) in batch.iter().enumerate() {
         let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
         for (name, value) in &msg.headers {
             headers = headers.insert(Header {
@@ -138,10 +142,11 @@ pub async fn publish_batch(
             .payload(&msg.value)
             .headers(headers)
             .timestamp(msg.occurred_at.timestamp_millis());
+        results.push(None);
         loop {
             match producer.send_result(record) {
                 Ok(future) => {
-                    pending.push(Ok(future));
+                    pending.push(async move { (i, future.await) });
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -150,30 +155,32 @@ pub async fn publish_batch(
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((err, _)) => {
-                    pending.push(Err(err));
+                    results[i] = Some(Err(err));
                     break;
                 }
             }
         }
     }
-    let mut results = Vec::with_capacity(batch.len());
-    let futures: Vec<_> = pending
-        .into_iter()
-        .map(|p| async move {
-            match p {
-                Ok(future) => match future.await {
-                    Ok(Ok(d)) => Ok(Ack {
-                        partition: d.partition,
-                        offset: d.offset,
-                    }),
-                    Ok(Err((err, _))) => Err(err),
-                    Err(_canceled) => Err(KafkaError::Canceled),
-                },
-                Err(err) => Err(err),
-            }
-        })
-        .collect();
-    results.extend(join_all(futures).await);
+    tokio::pin!(give_up);
+    loop {
+        tokio::select! {
+            biased;
+            next = pending.next() => match next {
+                Some((i, delivery)) => {
+                    results[i] = Some(match delivery {
+                        Ok(Ok(d)) => Ok(Ack {
+                            partition: d.partition,
+                            offset: d.offset,
+                        }),
+                        Ok(Err((err, _))) => Err(err),
+                        Err(_canceled) => Err(KafkaError::Canceled),
+                    });
+                }
+                None => break,
+            },
+            _ = &mut give_up => break,
+        }
+    }
     results
 }
 

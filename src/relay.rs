@@ -18,6 +18,7 @@ use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::envelope::{self, Prepared};
 use crate::failure::{self, Class, DbClass, DlqReason};
+use crate::lease::Leases;
 use crate::metrics;
 use crate::publish::{self, RelayProducer};
 use crate::sql;
@@ -52,8 +53,31 @@ pub struct Relay {
     producer: Mutex<Arc<RelayProducer>>,
     catalog: Arc<Catalog>,
     settings: Arc<Settings>,
+    source: String,
+    leases: Option<Arc<Leases>>,
+    progress: Arc<Progress>,
+}
+
+/// What this relay has published; read by the heartbeat.
+#[derive(Debug, Default)]
+pub struct Progress {
     published_total: AtomicU64,
     last_publish_ms: AtomicI64,
+}
+
+impl Progress {
+    /// Events published since the relay started.
+    pub fn published_total(&self) -> u64 {
+        self.published_total.load(Ordering::Relaxed)
+    }
+
+    /// When the last batch was acknowledged.
+    pub fn last_publish(&self) -> Option<chrono::DateTime<Utc>> {
+        match self.last_publish_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => chrono::DateTime::from_timestamp_millis(ms),
+        }
+    }
 }
 
 struct Dead {
@@ -72,24 +96,32 @@ impl Relay {
         Relay {
             pool,
             producer: Mutex::new(producer),
+            source: settings.relay.source.clone(),
             catalog,
             settings,
-            published_total: AtomicU64::new(0),
-            last_publish_ms: AtomicI64::new(0),
+            leases: None,
+            progress: Arc::new(Progress::default()),
         }
     }
 
-    /// Events this relay published since it started.
-    pub fn published_total(&self) -> u64 {
-        self.published_total.load(Ordering::Relaxed)
+    pub fn progress(&self) -> Arc<Progress> {
+        self.progress.clone()
     }
 
-    /// When this relay's last batch was acknowledged.
-    pub fn last_publish(&self) -> Option<chrono::DateTime<Utc>> {
-        match self.last_publish_ms.load(Ordering::Relaxed) {
-            0 => None,
-            ms => chrono::DateTime::from_timestamp_millis(ms),
-        }
+    /// Names the source (the `source` metric label) this relay serves.
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = source.into();
+        self
+    }
+
+    /// Publishes only leased partitions (several relays on one outbox).
+    pub fn with_leases(mut self, leases: Arc<Leases>) -> Self {
+        self.leases = Some(leases);
+        self
+    }
+
+    pub fn leases(&self) -> Option<&Arc<Leases>> {
+        self.leases.as_ref()
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -100,16 +132,31 @@ impl Relay {
         self.producer.lock().expect("producer lock").clone()
     }
 
-    fn source(&self) -> &str {
-        &self.settings.relay.source
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Claims, publishes and settles one batch.
     pub async fn step(&self) -> Result<Outcome, RelayError> {
         let relay = &self.settings.relay;
+        // Held for the whole step: a lease is handed back only between steps.
+        let _gate = match &self.leases {
+            Some(l) => Some(l.step_gate.read().await),
+            None => None,
+        };
+        let usable = self.leases.as_ref().map(|l| l.usable());
+        if usable.as_ref().is_some_and(|u| u.vpartitions.is_empty()) {
+            // Standing by: no partition leased (yet).
+            return Ok(Outcome::Empty);
+        }
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
-        let rows = sql::claim(&mut tx, relay.batch_size as i64).await?;
+        let rows = match &usable {
+            Some(u) => {
+                sql::claim_partitions(&mut tx, relay.batch_size as i64, &u.vpartitions).await?
+            }
+            None => sql::claim(&mut tx, relay.batch_size as i64).await?,
+        };
         metrics::batch(rows.len(), started.elapsed());
         if rows.is_empty() {
             tx.rollback().await?;
@@ -152,16 +199,36 @@ impl Relay {
         }
 
         let producer = self.producer();
-        let results = publish::publish_batch(&producer, &ready).await;
+        let epochs: HashMap<i16, i64> = match &usable {
+            Some(u) => u
+                .vpartitions
+                .iter()
+                .copied()
+                .zip(u.epochs.iter().copied())
+                .collect(),
+            None => HashMap::new(),
+        };
+        let give_up = self.lease_deadline(&ready, &epochs);
+        let results = publish::publish_batch(&producer, &ready, give_up).await;
 
         let now = Utc::now();
         let mut acked = Vec::with_capacity(ready.len());
         let mut published_by: HashMap<(&str, &str), u64> = HashMap::new();
         let mut retry_ids = Vec::new();
         let mut retry_errors = Vec::new();
+        // Rows whose failure is of unknown class: only those use up
+        // relay.max_attempts (counted in SQL by sql::schedule_retry).
+        let mut unknown_ids = std::collections::HashSet::new();
+        let mut unsettled = 0usize;
         for ((msg, attempts), result) in ready.iter().zip(&ready_attempts).zip(results) {
             let err = match result {
-                Ok(_) => {
+                None => {
+                    // No report before the lease ran short: left for the
+                    // next owner, who publishes it again (same id).
+                    unsettled += 1;
+                    continue;
+                }
+                Some(Ok(_)) => {
                     acked.push(msg.id);
                     *published_by
                         .entry((msg.def.event_type.as_str(), msg.topic.as_str()))
@@ -170,10 +237,9 @@ impl Relay {
                     metrics::publish_latency(latency as f64 / 1e6);
                     continue;
                 }
-                Err(err) => err,
+                Some(Err(err)) => err,
             };
             let class = failure::classify_kafka(&err);
-            let exhausted = *attempts as u32 + 1 >= relay.max_attempts;
             match class {
                 Class::Permanent(reason) => {
                     tracing::error!(event_id = %msg.event_id, event_type = %msg.def.event_type,
@@ -183,23 +249,16 @@ impl Relay {
                     dead.errors.push(err.to_string());
                     dead_types.push((msg.def.event_type.clone(), reason));
                 }
-                Class::Unknown if exhausted => {
-                    let reason = DlqReason::RetriesExhausted;
-                    tracing::error!(event_id = %msg.event_id, event_type = %msg.def.event_type,
-                        reason = reason.as_str(), attempts = attempts + 1, error = %err, "event dead-lettered");
-                    dead.ids.push(msg.id);
-                    dead.reasons.push(reason.as_str());
-                    dead.errors
-                        .push(format!("after {} attempts: {err}", attempts + 1));
-                    dead_types.push((msg.def.event_type.clone(), reason));
-                }
                 Class::Transient(label) => {
                     metrics::publish_failure(self.source(), label);
                     retry_ids.push(msg.id);
                     retry_errors.push(err.to_string());
                 }
                 Class::Unknown => {
-                    metrics::publish_failure(self.source(), "unknown");
+                    tracing::warn!(event_id = %msg.event_id, event_type = %msg.def.event_type,
+                        attempt = attempts + 1, error = %err, "publish failed with an error of unknown class");
+                    metrics::publish_failure(self.source(), class.retry_label());
+                    unknown_ids.insert(msg.id);
                     retry_ids.push(msg.id);
                     retry_errors.push(err.to_string());
                 }
@@ -213,16 +272,84 @@ impl Relay {
             );
         }
 
+        if unsettled > 0 {
+            tracing::warn!(
+                events = unsettled,
+                "lease ran short before Kafka answered; events left for the next owner"
+            );
+        }
+        if let (Some(leases), false) = (&self.leases, epochs.is_empty()) {
+            // Fencing: settle only rows of partitions still ours under the
+            // epoch we claimed them with.
+            let touched: std::collections::BTreeSet<i16> =
+                rows.iter().map(|r| r.vpartition).collect();
+            let vps: Vec<i16> = touched.iter().copied().collect();
+            let eps: Vec<i64> = vps.iter().map(|vp| epochs[vp]).collect();
+            let valid: std::collections::HashSet<i16> =
+                sql::lease_fence(&mut tx, leases.relay_id(), &vps, &eps)
+                    .await?
+                    .into_iter()
+                    .collect();
+            if valid.len() < vps.len() {
+                let part_of: HashMap<i64, i16> =
+                    rows.iter().map(|r| (r.id, r.vpartition)).collect();
+                let keep = |id: &i64| valid.contains(&part_of[id]);
+                let before = acked.len() + dead.ids.len() + retry_ids.len();
+                acked.retain(keep);
+                let mut i = 0;
+                while i < dead.ids.len() {
+                    if keep(&dead.ids[i]) {
+                        i += 1;
+                    } else {
+                        dead.ids.remove(i);
+                        dead.reasons.remove(i);
+                        dead.errors.remove(i);
+                        dead_types.remove(i);
+                    }
+                }
+                let mut i = 0;
+                while i < retry_ids.len() {
+                    if keep(&retry_ids[i]) {
+                        i += 1;
+                    } else {
+                        retry_ids.remove(i);
+                        retry_errors.remove(i);
+                    }
+                }
+                let fenced = before - acked.len() - dead.ids.len() - retry_ids.len();
+                tracing::warn!(
+                    events = fenced,
+                    lost = vps.len() - valid.len(),
+                    "lease lost during the batch; its rows are left to the new owner"
+                );
+            }
+        }
         sql::delete_published(&mut tx, &acked).await?;
         sql::dead_letter(&mut tx, &dead.ids, &dead.reasons, &dead.errors).await?;
-        sql::schedule_retry(
+        let unknown: Vec<bool> = retry_ids
+            .iter()
+            .map(|id| unknown_ids.contains(id))
+            .collect();
+        let exhausted = sql::schedule_retry(
             &mut tx,
             &retry_ids,
             &retry_errors,
+            &unknown,
+            relay.max_attempts,
             relay.retry_base_ms,
             relay.retry_max_ms,
         )
         .await?;
+        for id in &exhausted {
+            let row = rows
+                .iter()
+                .find(|r| r.id == *id)
+                .expect("an exhausted row is a claimed row");
+            tracing::error!(event_id = %row.event_id, event_type = %row.event_type,
+                reason = DlqReason::RetriesExhausted.as_str(), max_attempts = relay.max_attempts,
+                "event dead-lettered");
+            dead_types.push((row.event_type.clone(), DlqReason::RetriesExhausted));
+        }
         if let Err(err) = tx.commit().await {
             // Kafka has these events; they will be published again with the
             // same ids once the rows are claimed again (at-least-once).
@@ -239,8 +366,11 @@ impl Relay {
         }
         if !acked.is_empty() {
             let now_ms = Utc::now().timestamp_millis();
-            self.last_publish_ms.store(now_ms, Ordering::Relaxed);
-            self.published_total
+            self.progress
+                .last_publish_ms
+                .store(now_ms, Ordering::Relaxed);
+            self.progress
+                .published_total
                 .fetch_add(acked.len() as u64, Ordering::Relaxed);
             metrics::last_publish(self.source(), now_ms as f64 / 1e3);
         }
@@ -252,9 +382,40 @@ impl Relay {
         Ok(Outcome::Batch(BatchReport {
             claimed: rows.len(),
             published: acked.len(),
-            dead_lettered: dead.ids.len(),
-            retried: retry_ids.len(),
+            dead_lettered: dead.ids.len() + exhausted.len(),
+            retried: retry_ids.len() - exhausted.len(),
         }))
+    }
+
+    /// Completes when the leases of the batch's partitions run short (never
+    /// without leases). Renewals extend the wait while the leases hold.
+    fn lease_deadline<'a>(
+        &'a self,
+        batch: &'a [Prepared],
+        epochs: &'a HashMap<i16, i64>,
+    ) -> impl std::future::Future<Output = ()> + 'a {
+        async move {
+            let Some(leases) = &self.leases else {
+                return std::future::pending().await;
+            };
+            let vps: std::collections::BTreeSet<i16> = batch.iter().map(|m| m.vpartition).collect();
+            loop {
+                let mut deadline: Option<Instant> = None;
+                for vp in &vps {
+                    match leases.still_valid(*vp, epochs[vp]) {
+                        Some(until) => deadline = Some(deadline.map_or(until, |d| d.min(until))),
+                        None => return,
+                    }
+                }
+                let Some(deadline) = deadline else {
+                    return std::future::pending().await;
+                };
+                if deadline <= Instant::now() {
+                    return;
+                }
+                tokio::time::sleep_until(deadline.into()).await;
+            }
+        }
     }
 
     /// Steps until `token` is cancelled. A full batch loops at once; an

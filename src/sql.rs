@@ -29,6 +29,7 @@ pub struct OutboxRow {
     pub occurred_at: DateTime<Utc>,
     pub attempts: i32,
     pub publisher: Option<String>,
+    pub vpartition: i16,
 }
 
 pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> sqlx::Result<PgPool> {
@@ -44,12 +45,51 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
     MIGRATOR.run(pool).await
 }
 
+/// Applies the migrations; a new database gets `vpartitions` virtual
+/// partitions (an existing one keeps its count).
+pub async fn migrate_with(
+    pool: &PgPool,
+    vpartitions: u32,
+) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT set_config('outbox.vpartitions', $1, false)")
+        .bind(vpartitions.to_string())
+        .execute(&mut *conn)
+        .await?;
+    MIGRATOR.run(&mut *conn).await
+}
+
+/// A pool for a relay: a row lock held by a stalled relay surfaces as an
+/// error after `lock_timeout` instead of blocking a batch, and a stalled
+/// relay's open transaction is ended by the server after `idle_timeout`.
+pub async fn connect_relay(
+    url: &str,
+    max_connections: u32,
+    timeout: Duration,
+    idle_timeout: Duration,
+) -> sqlx::Result<PgPool> {
+    let options = PgConnectOptions::from_str(url)?
+        .application_name("outbox-relay")
+        .options([
+            ("lock_timeout", "2s".to_string()),
+            (
+                "idle_in_transaction_session_timeout",
+                format!("{}ms", idle_timeout.as_millis()),
+            ),
+        ]);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(timeout)
+        .connect_with(options)
+        .await
+}
+
 /// Claims up to `limit` due rows in ordering-id order. The row locks last
 /// until the transaction ends; other relays skip them.
 pub async fn claim(tx: &mut Transaction<'_, Postgres>, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
     sqlx::query_as::<_, OutboxRow>(
         "SELECT id, event_id, event_type, tenant_id, payload::text AS payload, \
-                headers::text AS headers, occurred_at, attempts, publisher \
+                headers::text AS headers, occurred_at, attempts, publisher, vpartition \
            FROM outbox \
           WHERE available_at <= now() \
           ORDER BY id \
@@ -58,6 +98,100 @@ pub async fn claim(tx: &mut Transaction<'_, Postgres>, limit: i64) -> sqlx::Resu
     )
     .bind(limit)
     .fetch_all(&mut **tx)
+    .await
+}
+
+/// Claims due rows of the given virtual partitions in ordering-id order.
+/// Without SKIP LOCKED: a row still locked by a relay that lost its lease
+/// must hold the batch back (until `lock_timeout`), never be jumped over,
+/// or a later event of the same key would overtake it.
+pub async fn claim_partitions(
+    tx: &mut Transaction<'_, Postgres>,
+    limit: i64,
+    vpartitions: &[i16],
+) -> sqlx::Result<Vec<OutboxRow>> {
+    sqlx::query_as::<_, OutboxRow>(
+        "SELECT id, event_id, event_type, tenant_id, payload::text AS payload, \
+                headers::text AS headers, occurred_at, attempts, publisher, vpartition \
+           FROM outbox \
+          WHERE vpartition = ANY($2) AND available_at <= now() \
+          ORDER BY id \
+          LIMIT $1 \
+          FOR UPDATE",
+    )
+    .bind(limit)
+    .bind(vpartitions)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// The partitions of `vpartitions` still leased to `relay` under the given
+/// epochs; locks those leases against a change of owner until commit.
+pub async fn lease_fence(
+    tx: &mut PgConnection,
+    relay: &str,
+    vpartitions: &[i16],
+    epochs: &[i64],
+) -> sqlx::Result<Vec<i16>> {
+    sqlx::query_scalar("SELECT outbox_lease_fence($1, $2, $3)")
+        .bind(relay)
+        .bind(vpartitions)
+        .bind(epochs)
+        .fetch_all(tx)
+        .await
+}
+
+pub async fn lease_renew(
+    conn: &mut PgConnection,
+    relay: &str,
+    ttl_ms: u64,
+) -> sqlx::Result<Vec<(i16, i64)>> {
+    sqlx::query_as("SELECT vpartition, epoch FROM outbox_lease_renew($1, $2)")
+        .bind(relay)
+        .bind(ttl_ms as i32)
+        .fetch_all(conn)
+        .await
+}
+
+pub async fn lease_acquire(
+    conn: &mut PgConnection,
+    relay: &str,
+    ttl_ms: u64,
+    max: usize,
+) -> sqlx::Result<Vec<(i16, i64)>> {
+    sqlx::query_as("SELECT vpartition, epoch FROM outbox_lease_acquire($1, $2, $3)")
+        .bind(relay)
+        .bind(ttl_ms as i32)
+        .bind(max as i32)
+        .fetch_all(conn)
+        .await
+}
+
+pub async fn lease_release(
+    conn: &mut PgConnection,
+    relay: &str,
+    vpartitions: &[i16],
+) -> sqlx::Result<i32> {
+    sqlx::query_scalar("SELECT outbox_lease_release($1, $2)")
+        .bind(relay)
+        .bind(vpartitions)
+        .fetch_one(conn)
+        .await
+}
+
+pub async fn vpartition_count(conn: &mut PgConnection) -> sqlx::Result<i32> {
+    sqlx::query_scalar("SELECT vpartitions FROM outbox_config")
+        .fetch_one(conn)
+        .await
+}
+
+/// Relays of this database whose heartbeat is younger than `ttl_ms`.
+pub async fn live_relays(conn: &mut PgConnection, ttl_ms: u64) -> sqlx::Result<i64> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM outbox_relays WHERE heartbeat_at > now() - make_interval(secs => $1 / 1000.0)",
+    )
+    .bind(ttl_ms as f64)
+    .fetch_one(conn)
     .await
 }
 
@@ -91,23 +225,30 @@ pub async fn dead_letter(
         .await
 }
 
-/// Records a transient failure and pushes `available_at` forward.
+/// Records a failed attempt per row and pushes `available_at` forward
+/// (`outbox_schedule_retry`). Rows flagged `unknown` (error of unknown
+/// class) that reach `max_attempts` such failures are dead-lettered as
+/// `retries_exhausted` instead; their ids are returned.
 pub async fn schedule_retry(
     tx: &mut PgConnection,
     ids: &[i64],
     errors: &[String],
+    unknown: &[bool],
+    max_attempts: u32,
     base_ms: u64,
     cap_ms: u64,
-) -> sqlx::Result<i32> {
+) -> sqlx::Result<Vec<i64>> {
     if ids.is_empty() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
-    sqlx::query_scalar("SELECT outbox_schedule_retry($1, $2, $3, $4)")
+    sqlx::query_scalar("SELECT outbox_schedule_retry($1, $2, $3, $4, $5, $6)")
         .bind(ids)
         .bind(errors)
+        .bind(unknown)
+        .bind(max_attempts as i32)
         .bind(base_ms as i64)
         .bind(cap_ms as i64)
-        .fetch_one(tx)
+        .fetch_all(tx)
         .await
 }
 
@@ -132,10 +273,12 @@ pub async fn sync_catalog(pool: &PgPool, catalog: &Catalog) -> sqlx::Result<u64>
         .execute(&mut *tx)
         .await?;
     let n = sqlx::query(
-        "INSERT INTO outbox_catalog (event_type, publisher, topic, schema_version, partition_key) \
-         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) \
+        "INSERT INTO outbox_catalog (event_type, publisher, topic, schema_version, partition_key, vpartitions) \
+         SELECT t.*, (SELECT vpartitions FROM outbox_config) \
+           FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[]) AS t \
          ON CONFLICT (event_type) DO UPDATE SET publisher = EXCLUDED.publisher, topic = EXCLUDED.topic, \
-             schema_version = EXCLUDED.schema_version, partition_key = EXCLUDED.partition_key, synced_at = now()",
+             schema_version = EXCLUDED.schema_version, partition_key = EXCLUDED.partition_key, \
+             vpartitions = EXCLUDED.vpartitions, synced_at = now()",
     )
     .bind(&types)
     .bind(&publishers)
@@ -150,14 +293,16 @@ pub async fn sync_catalog(pool: &PgPool, catalog: &Catalog) -> sqlx::Result<u64>
 }
 
 /// Backlog figures for gauges and `status`, cheap with millions of rows:
-/// the count is the planner's estimate above `exact_below` rows, the oldest
-/// age reads one row through the primary key.
+/// each count stops at `exact_below` rows and is the planner's estimate
+/// above (the table's `reltuples` for the outbox, the partial index's for
+/// dead DLQ entries); the oldest age reads one row through the primary key.
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Backlog {
     pub pending: i64,
     pub pending_is_estimate: bool,
     pub oldest_pending_age_seconds: f64,
     pub dlq_dead: i64,
+    pub dlq_is_estimate: bool,
 }
 
 pub async fn backlog(pool: &PgPool, exact_below: i64) -> sqlx::Result<Backlog> {
@@ -166,13 +311,18 @@ pub async fn backlog(pool: &PgPool, exact_below: i64) -> sqlx::Result<Backlog> {
              SELECT greatest(c.reltuples, 0)::bigint AS n FROM pg_class c WHERE c.oid = 'outbox'::regclass \
          ), exact AS ( \
              SELECT count(*) AS n FROM (SELECT 1 FROM outbox LIMIT $1) s \
+         ), dlq_est AS ( \
+             SELECT greatest(c.reltuples, 0)::bigint AS n FROM pg_class c WHERE c.oid = 'outbox_dlq_dead_idx'::regclass \
+         ), dlq_exact AS ( \
+             SELECT count(*) AS n FROM (SELECT 1 FROM outbox_dlq WHERE state = 'dead' LIMIT $1) s \
          ) \
          SELECT CASE WHEN exact.n < $1 THEN exact.n ELSE greatest(est.n, exact.n) END AS pending, \
                 exact.n >= $1 AS pending_is_estimate, \
                 coalesce(extract(epoch FROM now() - (SELECT occurred_at FROM outbox ORDER BY id LIMIT 1)), 0)::float8 \
                     AS oldest_pending_age_seconds, \
-                (SELECT count(*) FROM outbox_dlq WHERE state = 'dead') AS dlq_dead \
-           FROM est, exact",
+                CASE WHEN dlq_exact.n < $1 THEN dlq_exact.n ELSE greatest(dlq_est.n, dlq_exact.n) END AS dlq_dead, \
+                dlq_exact.n >= $1 AS dlq_is_estimate \
+           FROM est, exact, dlq_est, dlq_exact",
     )
     .bind(exact_below)
     .fetch_one(pool)
@@ -202,6 +352,8 @@ pub struct DlqEntry {
     pub dead_lettered_at: DateTime<Utc>,
     pub state: String,
     pub replay_count: i32,
+    /// The ordering id the event had in the outbox.
+    pub outbox_id: i64,
 }
 
 /// Filters shared by `dlq list`, `dlq replay` and `dlq discard`; `None` = any.
@@ -214,19 +366,13 @@ pub struct DlqFilter {
     pub to: Option<DateTime<Utc>>,
 }
 
+/// `outbox_dlq_list(...)`: dead events, oldest first.
 pub async fn dlq_list(pool: &PgPool, f: &DlqFilter, limit: i64) -> sqlx::Result<Vec<DlqEntry>> {
     sqlx::query_as::<_, DlqEntry>(
         "SELECT event_id, event_type, tenant_id, reason, last_error, attempts, occurred_at, \
-                first_failed_at, dead_lettered_at, state, replay_count \
-           FROM outbox_dlq \
-          WHERE state = 'dead' \
-            AND ($1::text IS NULL OR event_id = $1) \
-            AND ($2::text IS NULL OR event_type = $2) \
-            AND ($3::text IS NULL OR reason = $3) \
-            AND ($4::timestamptz IS NULL OR dead_lettered_at >= $4) \
-            AND ($5::timestamptz IS NULL OR dead_lettered_at < $5) \
-          ORDER BY dead_lettered_at, outbox_id \
-          LIMIT $6",
+                first_failed_at, dead_lettered_at, state, replay_count, outbox_id \
+           FROM outbox_dlq_list(p_event_id => $1, p_event_type => $2, p_reason => $3, \
+                                p_from => $4, p_to => $5, p_limit => $6)",
     )
     .bind(&f.event_id)
     .bind(&f.event_type)
@@ -270,7 +416,7 @@ pub async fn dlq_discard(pool: &PgPool, why: &str, f: &DlqFilter) -> sqlx::Resul
 
 /// Records this relay's heartbeat, last publish time and running total.
 pub async fn heartbeat(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     relay_id: &str,
     source: &str,
     host: &str,
@@ -291,16 +437,16 @@ pub async fn heartbeat(
     .bind(version)
     .bind(last_publish)
     .bind(published_total)
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(())
 }
 
 /// Removes this relay's membership row at shutdown.
-pub async fn leave(pool: &PgPool, relay_id: &str) -> sqlx::Result<()> {
+pub async fn leave(conn: &mut PgConnection, relay_id: &str) -> sqlx::Result<()> {
     sqlx::query("DELETE FROM outbox_relays WHERE relay_id = $1")
         .bind(relay_id)
-        .execute(pool)
+        .execute(conn)
         .await?;
     Ok(())
 }

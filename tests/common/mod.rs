@@ -70,9 +70,15 @@ impl TestEnv {
     }
 
     pub async fn with_partitions(partitions: i32) -> TestEnv {
+        Self::on_services(&admin_url(), &brokers(), partitions).await
+    }
+
+    /// An environment on the given Postgres (admin URL) and Kafka, for tests
+    /// that run their own services.
+    pub async fn on_services(admin_url: &str, brokers: &str, partitions: i32) -> TestEnv {
         let id = unique();
         let db_name = format!("t_{id}");
-        let admin = sqlx::PgPool::connect(&admin_url())
+        let admin = sqlx::PgPool::connect(admin_url)
             .await
             .expect("local Postgres is not running: run `bash scripts/services.sh up`");
         sqlx::query(&format!("CREATE DATABASE {db_name}"))
@@ -80,7 +86,7 @@ impl TestEnv {
             .await
             .unwrap();
         admin.close().await;
-        let db_url = with_database(&admin_url(), &db_name);
+        let db_url = with_database(admin_url, &db_name);
         let pool = PgPool::connect(&db_url).await.unwrap();
         sql::migrate(&pool).await.unwrap();
         let catalog = Arc::new(Catalog::load(&[catalog_dir()]).unwrap());
@@ -89,7 +95,7 @@ impl TestEnv {
         let prefix = format!("t{id}.");
         let mut settings = Settings::default();
         settings.database.url = Secret::new(db_url.clone());
-        settings.kafka.brokers = brokers();
+        settings.kafka.brokers = brokers.to_string();
         settings.kafka.topic_prefix = prefix.clone();
         settings.catalog.paths = vec![catalog_dir()];
         settings.topics.partitions = partitions;
@@ -171,7 +177,7 @@ impl TestEnv {
     /// A consumer reading `topics` from the beginning with its own group.
     pub fn consumer(&self, topics: &[String]) -> StreamConsumer {
         let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", &self.settings.kafka.brokers)
             .set("group.id", format!("test-{}", unique()))
             .set("auto.offset.reset", "earliest")
             .set("enable.auto.commit", "false")
@@ -389,4 +395,73 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
+}
+
+/// Replaces the user of a Postgres URL (the local server trusts every role).
+pub fn with_user(url: &str, user: &str) -> String {
+    let (scheme, rest) = url.split_once("://").expect("database URL has a scheme");
+    let host = rest.split_once('@').map_or(rest, |(_, host)| host);
+    format!("{scheme}://{user}@{host}")
+}
+
+/// SQLSTATE and message of a database error (panics on any other error).
+pub fn db_error(err: &sqlx::Error) -> (String, String) {
+    let db = err
+        .as_database_error()
+        .unwrap_or_else(|| panic!("expected a database error, got {err}"));
+    (
+        db.code().unwrap_or_default().into_owned(),
+        db.message().to_string(),
+    )
+}
+
+impl TestEnv {
+    /// Creates a login role named `{what}_{unique}` (roles are cluster-wide
+    /// and tests run in parallel) as a member of `groups`.
+    pub async fn login_role(&self, what: &str, groups: &[&str]) -> String {
+        let role = format!("{what}_{}", unique());
+        let mut sql = format!("CREATE ROLE {role} LOGIN");
+        if !groups.is_empty() {
+            sql.push_str(&format!(" IN ROLE {}", groups.join(", ")));
+        }
+        sqlx::query(&sql).execute(&self.pool).await.unwrap();
+        role
+    }
+
+    /// A writer login role mapped to `publisher`.
+    pub async fn writer_role(&self, what: &str, publisher: &str) -> String {
+        let role = self.login_role(what, &["outbox_writer"]).await;
+        sqlx::query("SELECT outbox_map_publisher($1, $2)")
+            .bind(&role)
+            .bind(publisher)
+            .execute(&self.pool)
+            .await
+            .unwrap();
+        role
+    }
+
+    /// This environment's database URL as `role`.
+    pub fn url_as(&self, role: &str) -> String {
+        with_user(&self.db_url, role)
+    }
+
+    /// A small pool on this environment's database as `role`.
+    pub async fn pool_as(&self, role: &str) -> PgPool {
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect(&self.url_as(role))
+            .await
+            .unwrap()
+    }
+
+    /// Drops a role made by [`TestEnv::login_role`] (best effort: its
+    /// privileges live in this database only).
+    pub async fn drop_role(&self, role: &str) {
+        let _ = sqlx::query(&format!("DROP OWNED BY {role}"))
+            .execute(&self.pool)
+            .await;
+        let _ = sqlx::query(&format!("DROP ROLE {role}"))
+            .execute(&self.pool)
+            .await;
+    }
 }

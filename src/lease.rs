@@ -1,0 +1,300 @@
+//! Virtual-partition leases: which partitions this relay may publish, for how long.
+//!
+//! A dedicated task with its own connection (so a busy pool never starves
+//! it) heartbeats, renews the leases it holds, takes its fair share of free
+//! or expired ones and hands back extras once the in-flight batch is done.
+//! The relay loop reads [`Leases::usable`] before each claim and presents
+//! the epochs when it settles the batch ([`crate::sql::lease_fence`]).
+//!
+//! Safety: a lease is trusted locally only until `renewal start + ttl -
+//! margin`, measured on this process's monotonic clock from *before* the
+//! renewal request, so it always ends before the database lets another
+//! relay take it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, PgConnection};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::LeaseSettings;
+use crate::{metrics, sql};
+
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: i64,
+    valid_until: Instant,
+}
+
+#[derive(Debug, Default)]
+struct View {
+    held: BTreeMap<i16, Held>,
+    /// Handed back after the in-flight batch; not claimed meanwhile.
+    releasing: BTreeSet<i16>,
+}
+
+/// Lease state shared by the lease task and the relay loop.
+pub struct Leases {
+    relay_id: String,
+    settings: LeaseSettings,
+    view: Mutex<View>,
+    /// The relay loop holds a read guard for a whole step; handing a lease
+    /// back takes the write guard, so it waits for the in-flight batch.
+    pub step_gate: tokio::sync::RwLock<()>,
+    /// Process-wide identity facts for the heartbeat row.
+    source: String,
+    host: String,
+}
+
+/// The partitions a step may claim, with the epochs to present.
+#[derive(Debug, Clone, Default)]
+pub struct Usable {
+    pub vpartitions: Vec<i16>,
+    pub epochs: Vec<i64>,
+}
+
+impl Leases {
+    pub fn new(
+        relay_id: String,
+        source: String,
+        host: String,
+        settings: LeaseSettings,
+    ) -> Arc<Leases> {
+        Arc::new(Leases {
+            relay_id,
+            settings,
+            view: Mutex::new(View::default()),
+            step_gate: tokio::sync::RwLock::new(()),
+            source,
+            host,
+        })
+    }
+
+    pub fn relay_id(&self) -> &str {
+        &self.relay_id
+    }
+
+    /// Margin before local expiry in which a lease is no longer used for
+    /// new work: room for one batch to settle.
+    fn margin(&self) -> Duration {
+        Duration::from_millis(self.settings.ttl_ms / 5)
+    }
+
+    /// Partitions held for at least the margin and not being handed back.
+    pub fn usable(&self) -> Usable {
+        let now = Instant::now();
+        let margin = self.margin();
+        let view = self.view.lock().expect("lease view");
+        let mut u = Usable::default();
+        for (vp, h) in &view.held {
+            if h.valid_until > now + margin && !view.releasing.contains(vp) {
+                u.vpartitions.push(*vp);
+                u.epochs.push(h.epoch);
+            }
+        }
+        u
+    }
+
+    /// Whether `vp` is still held under `epoch` with time to settle a batch.
+    pub fn still_valid(&self, vp: i16, epoch: i64) -> Option<Instant> {
+        let view = self.view.lock().expect("lease view");
+        view.held
+            .get(&vp)
+            .filter(|h| h.epoch == epoch)
+            .map(|h| h.valid_until - self.margin() / 2)
+    }
+
+    pub fn held_count(&self) -> usize {
+        self.view.lock().expect("lease view").held.len()
+    }
+
+    fn replace(&self, renewed: &[(i16, i64)], acquired: &[(i16, i64)], valid_until: Instant) {
+        let mut view = self.view.lock().expect("lease view");
+        let mut held = BTreeMap::new();
+        for (vp, epoch) in renewed.iter().chain(acquired) {
+            held.insert(
+                *vp,
+                Held {
+                    epoch: *epoch,
+                    valid_until,
+                },
+            );
+        }
+        view.releasing.retain(|vp| held.contains_key(vp));
+        view.held = held;
+    }
+
+    fn forget_all(&self) {
+        let mut view = self.view.lock().expect("lease view");
+        view.held.clear();
+        view.releasing.clear();
+    }
+
+    /// One renewal round; returns the partitions to hand back.
+    async fn round(
+        &self,
+        conn: &mut PgConnection,
+        total: usize,
+        last_publish: Option<chrono::DateTime<chrono::Utc>>,
+        published_total: i64,
+    ) -> sqlx::Result<Vec<i16>> {
+        let ttl = self.settings.ttl_ms;
+        // Measured before the request: the database's expiry is later than
+        // anything this process derives from it.
+        let started = Instant::now();
+        sql::heartbeat(
+            conn,
+            &self.relay_id,
+            &self.source,
+            &self.host,
+            crate::VERSION,
+            last_publish,
+            published_total,
+        )
+        .await?;
+        let renewed = sql::lease_renew(conn, &self.relay_id, ttl).await?;
+        let live = sql::live_relays(conn, ttl).await?.max(1) as usize;
+        let fair = total.div_ceil(live);
+        let acquired = if renewed.len() < fair {
+            sql::lease_acquire(conn, &self.relay_id, ttl, fair - renewed.len()).await?
+        } else {
+            Vec::new()
+        };
+        let valid_until = started + Duration::from_millis(ttl);
+        self.replace(&renewed, &acquired, valid_until);
+        let mut extras = Vec::new();
+        let mut view = self.view.lock().expect("lease view");
+        let held = view.held.len();
+        if held > fair {
+            // Hand back the highest partitions not already on their way out.
+            let want = held - fair - view.releasing.len().min(held - fair);
+            let candidates: Vec<i16> = view
+                .held
+                .keys()
+                .rev()
+                .filter(|vp| !view.releasing.contains(vp))
+                .take(want)
+                .copied()
+                .collect();
+            for vp in candidates {
+                view.releasing.insert(vp);
+                extras.push(vp);
+            }
+        }
+        Ok(extras)
+    }
+}
+
+async fn connect(url: &str) -> sqlx::Result<PgConnection> {
+    url.parse::<PgConnectOptions>()?
+        .application_name("outbox-relay-leases")
+        .connect()
+        .await
+}
+
+/// The lease task: runs until `token` is cancelled, then hands every lease
+/// back (draining handoff) once `drained` is cancelled by the relay loop.
+pub async fn run(
+    leases: Arc<Leases>,
+    url: String,
+    progress: Arc<crate::relay::Progress>,
+    token: CancellationToken,
+    drained: CancellationToken,
+) {
+    let interval = Duration::from_millis(leases.settings.renew_interval_ms);
+    let mut conn: Option<PgConnection> = None;
+    let mut total = 0usize;
+    let mut backoff = crate::relay::db_backoff();
+    while !token.is_cancelled() {
+        if conn.is_none() {
+            match connect(&url).await {
+                Ok(mut c) => match sql::vpartition_count(&mut c).await {
+                    Ok(n) => {
+                        total = n as usize;
+                        conn = Some(c);
+                        backoff = crate::relay::db_backoff();
+                    }
+                    Err(err) => tracing::warn!(error = %err, "reading the partition count failed"),
+                },
+                Err(err) => {
+                    tracing::warn!(error = %err, "lease connection failed; leases will lapse")
+                }
+            }
+        }
+        let mut wait = interval;
+        if let Some(c) = conn.as_mut() {
+            let (last_publish, published) =
+                (progress.last_publish(), progress.published_total() as i64);
+            match leases.round(c, total, last_publish, published).await {
+                Ok(extras) => {
+                    metrics::leases_owned(&leases.source, leases.held_count());
+                    if !extras.is_empty() {
+                        tokio::spawn(hand_back(leases.clone(), url.clone(), extras));
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "lease renewal failed; leases will lapse unless it recovers");
+                    conn = None;
+                    wait = backoff.next().unwrap_or(interval).min(interval);
+                }
+            }
+        } else {
+            wait = backoff.next().unwrap_or(interval).min(interval);
+        }
+        tokio::select! {
+            _ = token.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+    // Draining handoff: the relay loop finishes its batch first.
+    drained.cancelled().await;
+    let held: Vec<i16> = leases
+        .view
+        .lock()
+        .expect("lease view")
+        .held
+        .keys()
+        .copied()
+        .collect();
+    leases.forget_all();
+    metrics::leases_owned(&leases.source, 0);
+    let conn = match conn {
+        Some(c) => Some(c),
+        None => connect(&url).await.ok(),
+    };
+    if let Some(mut c) = conn {
+        if let Err(err) = sql::lease_release(&mut c, &leases.relay_id, &held).await {
+            tracing::warn!(error = %err, "handing leases back failed; they lapse after the ttl");
+        }
+        let _ = sql::leave(&mut c, &leases.relay_id).await;
+        tracing::info!(leases = held.len(), "leases handed back");
+    }
+}
+
+/// Hands partitions back once the step in flight has settled.
+async fn hand_back(leases: Arc<Leases>, url: String, vpartitions: Vec<i16>) {
+    let _gate = leases.step_gate.write().await;
+    let result = async {
+        let mut c = connect(&url).await?;
+        sql::lease_release(&mut c, &leases.relay_id, &vpartitions).await
+    }
+    .await;
+    let mut view = leases.view.lock().expect("lease view");
+    match result {
+        Ok(n) => {
+            for vp in &vpartitions {
+                view.held.remove(vp);
+                view.releasing.remove(vp);
+            }
+            tracing::info!(released = n, "rebalanced: leases handed to other relays");
+        }
+        Err(err) => {
+            for vp in &vpartitions {
+                view.releasing.remove(vp);
+            }
+            tracing::warn!(error = %err, "handing leases back failed; keeping them");
+        }
+    }
+}

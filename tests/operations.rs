@@ -1,0 +1,869 @@
+//! Operating the relay against real Postgres and real Kafka: `/metrics`
+//! counters and gauges as events are published, retried and dead-lettered;
+//! `/readyz` while Postgres refuses the relay's role; `status --json`;
+//! `topics ensure` with its drift report; JSON logs.
+//!
+//! The metrics recorder is process-global, so every test here uses its own
+//! `relay.source` label (TestEnv gives each a unique one), and only
+//! `metrics_move_as_events_are_published_retried_and_dead_lettered` publishes
+//! in this process: the unlabelled histograms are then its alone.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::*;
+use outbox_relay::config::{Secret, Settings};
+use outbox_relay::topics;
+use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+// ---------------------------------------------------------------- helpers
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One HTTP/1.1 GET; returns the status code and the body.
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut raw))
+        .await
+        .ok()?
+        .ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+async fn scrape(port: u16) -> String {
+    let (code, body) = get(port, "/metrics").await.expect("GET /metrics");
+    assert_eq!(code, 200);
+    body
+}
+
+/// One sample of the Prometheus text format.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+fn parse(text: &str) -> Vec<Sample> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        if line.starts_with('#') || line.trim().is_empty() {
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').expect("sample line");
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            v => v.parse().unwrap_or_else(|_| panic!("value in {line}")),
+        };
+        let (name, labels) = match series.split_once('{') {
+            None => (series.to_string(), BTreeMap::new()),
+            Some((name, rest)) => {
+                let mut labels = BTreeMap::new();
+                let mut chars = rest.trim_end_matches('}').chars().peekable();
+                loop {
+                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+                    if key.is_empty() {
+                        break;
+                    }
+                    assert_eq!(chars.next(), Some('"'), "{line}");
+                    let mut val = String::new();
+                    while let Some(c) = chars.next() {
+                        match c {
+                            '\\' => val.push(chars.next().unwrap()),
+                            '"' => break,
+                            c => val.push(c),
+                        }
+                    }
+                    labels.insert(key.trim_start_matches(',').to_string(), val);
+                    if chars.peek() == Some(&',') {
+                        chars.next();
+                    }
+                }
+                (name.to_string(), labels)
+            }
+        };
+        out.push(Sample {
+            name,
+            labels,
+            value,
+        });
+    }
+    out
+}
+
+/// The value of the series with exactly these labels.
+fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let want: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    parse(text)
+        .into_iter()
+        .find(|s| s.name == name && s.labels == want)
+        .map(|s| s.value)
+}
+
+/// Every series of `name` whose labels include these.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<Sample> {
+    parse(text)
+        .into_iter()
+        .filter(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect()
+}
+
+fn unlabelled(text: &str, name: &str) -> f64 {
+    value(text, name, &[]).unwrap_or(0.0)
+}
+
+/// Runs the library's relay in this process until the returned sender fires.
+fn start(settings: Settings) -> (oneshot::Sender<()>, JoinHandle<Result<(), String>>) {
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        outbox_relay::run(settings, async {
+            let _ = rx.await;
+        })
+        .await
+        .map_err(|e| e.to_string())
+    });
+    (tx, task)
+}
+
+async fn wait_for<F, Fut>(what: &str, timeout: Duration, cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(eventually(timeout, cond).await, "timed out waiting: {what}");
+}
+
+/// The `outbox-relay` binary pointed at `env`, free of the caller's settings.
+fn binary(env: &[(String, String)]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    for (k, _) in std::env::vars() {
+        if k.starts_with("OUTBOX_RELAY_") || k == "DATABASE_URL" || k == "RUST_LOG" {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.env("OUTBOX_RELAY_CONFIG", "/dev/null");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+fn stdout_of(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+async fn topic_exists(settings: &Settings, topic: &str) -> bool {
+    let admin = topics::admin_client(settings).unwrap();
+    let md = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .unwrap();
+    md.topics().iter().any(|t| t.name() == topic)
+}
+
+async fn partition_count(settings: &Settings, topic: &str) -> usize {
+    let admin = topics::admin_client(settings).unwrap();
+    let md = admin
+        .inner()
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    md.topics()[0].partitions().len()
+}
+
+async fn topic_config(settings: &Settings, topic: &str, key: &str) -> Option<String> {
+    let admin = topics::admin_client(settings).unwrap();
+    let res = admin
+        .describe_configs(
+            [&ResourceSpecifier::Topic(topic)],
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))),
+        )
+        .await
+        .unwrap();
+    let resource = res.into_iter().next().unwrap().unwrap();
+    resource.get(key).and_then(|e| e.value.clone())
+}
+
+// ------------------------------------------------------------------ tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
+    let env = TestEnv::new().await;
+    let source = env.settings.relay.source.clone();
+    let auth_topic = env.topic("platform.auth.events");
+    let money_topic = env.topic("platform.money.events");
+    // Billing events fail transiently: their topic is gone before the relay
+    // starts, and a missing topic is retried, never dead-lettered.
+    let billing_topic = env.topic("platform.billing.events");
+    {
+        let admin = topics::admin_client(&env.settings).unwrap();
+        let res = admin
+            .delete_topics(&[&billing_topic], &AdminOptions::new())
+            .await
+            .unwrap();
+        assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    }
+    wait_for("billing topic deleted", Duration::from_secs(30), || async {
+        !topic_exists(&env.settings, &billing_topic).await
+    })
+    .await;
+
+    let port = free_port();
+    let mut settings = env.settings.clone();
+    settings.http.listen = format!("127.0.0.1:{port}");
+    // Fail messages for the missing topic after 100 ms instead of 30 s, and
+    // report librdkafka statistics twice a second.
+    settings
+        .kafka
+        .librdkafka
+        .insert("topic.metadata.propagation.max.ms".into(), "100".into());
+    settings
+        .kafka
+        .librdkafka
+        .insert("statistics.interval.ms".into(), "500".into());
+    let started_at = chrono::Utc::now().timestamp() as f64;
+    let (stop, task) = start(settings);
+
+    wait_for("/readyz 200", Duration::from_secs(30), || async {
+        matches!(get(port, "/readyz").await, Some((200, _)))
+    })
+    .await;
+    let before = scrape(port).await;
+    assert_eq!(
+        value(
+            &before,
+            "outbox_relay_info",
+            &[("version", outbox_relay::VERSION)]
+        ),
+        Some(1.0)
+    );
+    for (name, kind) in [
+        ("outbox_events_published_total", "counter"),
+        ("outbox_pending_events", "gauge"),
+        ("outbox_oldest_pending_age_seconds", "gauge"),
+        ("outbox_dlq_events", "gauge"),
+        ("outbox_claim_duration_seconds", "histogram"),
+        ("outbox_relay_info", "gauge"),
+    ] {
+        assert!(
+            before.contains(&format!("# TYPE {name} {kind}\n")),
+            "{name} {kind}\n{before}"
+        );
+    }
+
+    // Phase 1: five events publish, one is dead-lettered.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(
+            env.insert("auth.user.created", example_payload("auth.user.created"))
+                .await,
+        );
+    }
+    for _ in 0..2 {
+        ids.push(
+            env.insert(
+                "money.wallet.credited",
+                example_payload("money.wallet.credited"),
+            )
+            .await,
+        );
+    }
+    let tenant = "01j9p3kz5f00000000000000";
+    ids.push(
+        env.insert(
+            "auth.user.created",
+            json!({"email": "no-user-id@example.com", "tenantId": tenant, "roles": []}),
+        )
+        .await,
+    );
+    wait_for("outbox drained", Duration::from_secs(30), || async {
+        env.outbox_count().await == 0 && env.dlq_count().await == 1
+    })
+    .await;
+    let published = |text: &str, event_type: &str, topic: &str| {
+        value(
+            text,
+            "outbox_events_published_total",
+            &[
+                ("source", &source),
+                ("event_type", event_type),
+                ("topic", topic),
+            ],
+        )
+    };
+    let m = scrape(port).await;
+    assert_eq!(published(&m, "auth.user.created", &auth_topic), Some(3.0));
+    assert_eq!(
+        published(&m, "money.wallet.credited", &money_topic),
+        Some(2.0)
+    );
+    assert_eq!(
+        series(&m, "outbox_events_published_total", &[("source", &source)]).len(),
+        2,
+        "one series per (event type, topic) published"
+    );
+    assert_eq!(
+        value(
+            &m,
+            "outbox_events_dead_lettered_total",
+            &[
+                ("source", &source),
+                ("event_type", "auth.user.created"),
+                ("reason", "missing_partition_key")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert!(series(&m, "outbox_publish_failures_total", &[("source", &source)]).is_empty());
+    // The histograms are unlabelled; no other test publishes in this process.
+    let delta = |name: &str| unlabelled(&m, name) - unlabelled(&before, name);
+    assert_eq!(delta("outbox_publish_latency_seconds_count"), 5.0);
+    assert!(delta("outbox_publish_latency_seconds_sum") > 0.0);
+    assert_eq!(
+        delta("outbox_batch_size_sum"),
+        6.0,
+        "every row claimed exactly once"
+    );
+    assert!(delta("outbox_claim_duration_seconds_count") >= 1.0);
+    let last_publish = value(
+        &m,
+        "outbox_last_publish_timestamp_seconds",
+        &[("source", &source)],
+    )
+    .unwrap();
+    assert!(last_publish >= started_at, "{last_publish} < {started_at}");
+    wait_for(
+        "backlog gauges refreshed",
+        Duration::from_secs(10),
+        || async {
+            let m = scrape(port).await;
+            value(&m, "outbox_pending_events", &[("source", &source)]) == Some(0.0)
+                && value(
+                    &m,
+                    "outbox_oldest_pending_age_seconds",
+                    &[("source", &source)],
+                ) == Some(0.0)
+                && value(&m, "outbox_dlq_events", &[("source", &source)]) == Some(1.0)
+        },
+    )
+    .await;
+    // librdkafka statistics arrive every 500 ms here.
+    wait_for("librdkafka statistics", Duration::from_secs(10), || async {
+        let m = scrape(port).await;
+        value(&m, "outbox_kafka_producer_queue_messages", &[]).is_some()
+            && series(&m, "outbox_kafka_broker_rtt_seconds", &[])
+                .iter()
+                .any(|s| s.value > 0.0 && s.labels.contains_key("broker"))
+    })
+    .await;
+
+    // Phase 2: two billing events are retried while their topic is missing.
+    for _ in 0..2 {
+        ids.push(
+            env.insert(
+                "billing.plan.changed",
+                example_payload("billing.plan.changed"),
+            )
+            .await,
+        );
+    }
+    wait_for(
+        "transient failures counted",
+        Duration::from_secs(30),
+        || async {
+            let m = scrape(port).await;
+            value(
+                &m,
+                "outbox_publish_failures_total",
+                &[("source", &source), ("reason", "unknown_topic")],
+            )
+            .unwrap_or(0.0)
+                >= 2.0
+                && value(&m, "outbox_pending_events", &[("source", &source)]) == Some(2.0)
+        },
+    )
+    .await;
+    let age = |m: &str| {
+        value(
+            m,
+            "outbox_oldest_pending_age_seconds",
+            &[("source", &source)],
+        )
+        .unwrap()
+    };
+    let first_age = age(&scrape(port).await);
+    wait_for("lag gauge grows", Duration::from_secs(10), || async {
+        age(&scrape(port).await) > first_age
+    })
+    .await;
+
+    // No label carries an event id or a tenant id.
+    let m = scrape(port).await;
+    for id in &ids {
+        assert!(!m.contains(id.as_str()), "event id {id} in /metrics");
+    }
+    assert!(!m.contains(tenant), "tenant id in /metrics");
+
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    // Stopped: every recorded attempt of the retried rows is one failure.
+    let attempts: i64 = sqlx::query_scalar(
+        "SELECT sum(attempts)::bigint FROM outbox WHERE event_type = 'billing.plan.changed'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let after = outbox_relay::metrics_handle().unwrap().render();
+    let failures = series(
+        &after,
+        "outbox_publish_failures_total",
+        &[("source", &source)],
+    );
+    assert_eq!(failures.len(), 1, "{failures:?}");
+    assert_eq!(failures[0].labels["reason"], "unknown_topic");
+    assert_eq!(failures[0].value, attempts as f64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_unready_while_postgres_refuses_the_relay_and_recovers() {
+    let env = TestEnv::new().await;
+    let role = format!("relay_{}", unique());
+    sqlx::query(&format!("CREATE ROLE {role} LOGIN IN ROLE outbox_relay"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let port = free_port();
+    let mut settings = env.settings.clone();
+    settings.http.listen = format!("127.0.0.1:{port}");
+    settings.database.url = Secret::new(env.db_url.replacen(
+        "postgres://postgres@",
+        &format!("postgres://{role}@"),
+        1,
+    ));
+    assert!(settings.database.url.expose().contains(&role));
+    settings.database.connect_timeout_ms = 1_000;
+    let (stop, task) = start(settings);
+
+    let readyz = || async { get(port, "/readyz").await };
+    wait_for("ready", Duration::from_secs(30), || async {
+        readyz().await == Some((200, "postgres: ok\nkafka: ok\n".into()))
+    })
+    .await;
+    assert_eq!(get(port, "/healthz").await, Some((200, "ok\n".into())));
+    assert_eq!(get(port, "/nope").await.map(|(code, _)| code), Some(404));
+
+    // Postgres stays up for everyone else; this relay's role may no longer
+    // log in and its sessions are cut.
+    sqlx::query(&format!("ALTER ROLE {role} NOLOGIN"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let terminated: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1) t",
+    )
+    .bind(&role)
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(terminated >= 1, "the relay had no session to terminate");
+    wait_for("unready", Duration::from_secs(30), || async {
+        readyz().await == Some((503, "postgres: unavailable\nkafka: ok\n".into()))
+    })
+    .await;
+    assert_eq!(
+        get(port, "/healthz").await,
+        Some((200, "ok\n".into())),
+        "alive while unready"
+    );
+
+    sqlx::query(&format!("ALTER ROLE {role} LOGIN"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    wait_for("ready again", Duration::from_secs(30), || async {
+        readyz().await == Some((200, "postgres: ok\nkafka: ok\n".into()))
+    })
+    .await;
+
+    stop.send(()).unwrap();
+    task.await.unwrap().unwrap();
+    // The role is cluster-wide: leave none behind.
+    sqlx::query(&format!("DROP OWNED BY {role}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&env.pool)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_json_matches_the_database() {
+    let env = TestEnv::new().await;
+    let source = env.settings.relay.source.clone();
+    // Three pending events, the first 90 s old; four dead-lettered, one of
+    // them then discarded.
+    let mut ids = Vec::new();
+    for (i, event_type) in [
+        "auth.user.created",
+        "auth.role.changed",
+        "money.wallet.debited",
+        "files.file.uploaded",
+        "notify.notification.sent",
+        "billing.plan.changed",
+        "audit.record.created",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let age = if i == 0 { 90 } else { 0 };
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO outbox (event_type, payload, occurred_at) \
+             VALUES ($1, $2, now() - make_interval(secs => $3)) RETURNING id",
+        )
+        .bind(event_type)
+        .bind(example_payload(event_type))
+        .bind(age as f64)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+        ids.push(id);
+    }
+    let _: i32 = sqlx::query_scalar("SELECT outbox_dead_letter($1, $2, $3)")
+        .bind(&ids[3..])
+        .bind([
+            "invalid_payload",
+            "message_too_large",
+            "invalid_payload",
+            "retries_exhausted",
+        ])
+        .bind(["e1", "e2", "e3", "e4"])
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    let discarded: Vec<String> =
+        sqlx::query_scalar("SELECT outbox_dlq_discard('test', p_reason => 'retries_exhausted')")
+            .fetch_all(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(discarded.len(), 1);
+    // Two relays of this source, one of another source (not shown).
+    for (relay_id, src, last_publish, total) in [
+        (
+            "relay-a",
+            source.as_str(),
+            Some("2026-01-02T03:04:05.678Z"),
+            10i64,
+        ),
+        (
+            "relay-b",
+            source.as_str(),
+            Some("2026-01-02T03:04:09.001Z"),
+            32,
+        ),
+        ("relay-c", "elsewhere", Some("2026-05-05T00:00:00Z"), 7),
+    ] {
+        sqlx::query(
+            "INSERT INTO outbox_relays (relay_id, source, host, version, last_publish_at, published_total, heartbeat_at) \
+             VALUES ($1, $2, 'host-1', '0.1.0', $3::timestamptz, $4, now() - interval '4 seconds')",
+        )
+        .bind(relay_id)
+        .bind(src)
+        .bind(last_publish)
+        .bind(total)
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    }
+
+    let out = binary(&env.process_env())
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
+    let report: Value = serde_json::from_str(&stdout_of(&out)).unwrap();
+    let db_age: f64 = sqlx::query_scalar(
+        "SELECT extract(epoch FROM now() - occurred_at)::float8 FROM outbox ORDER BY id LIMIT 1",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let db_pending: i64 = env.outbox_count().await;
+    assert_eq!(db_pending, 3);
+    assert_eq!(report["source"], source.as_str());
+    assert_eq!(report["pending"], db_pending);
+    assert_eq!(report["pending_is_estimate"], false);
+    let age = report["oldest_pending_age_seconds"].as_f64().unwrap();
+    assert!(
+        age >= 90.0 && age <= db_age,
+        "status said {age}, the database {db_age} a moment later"
+    );
+    assert_eq!(report["dlq_dead"], 3);
+    assert_eq!(
+        report["dlq_by_reason"],
+        json!([
+            {"reason": "invalid_payload", "events": 2},
+            {"reason": "message_too_large", "events": 1},
+        ])
+    );
+    assert_eq!(report["last_publish_at"], "2026-01-02T03:04:09.001Z");
+    let relays = report["relays"].as_array().unwrap();
+    assert_eq!(relays.len(), 2, "{report}");
+    assert_eq!(relays[0]["relay_id"], "relay-a");
+    assert_eq!(relays[0]["published_total"], 10);
+    assert_eq!(relays[0]["last_publish_at"], "2026-01-02T03:04:05.678Z");
+    assert_eq!(relays[1]["relay_id"], "relay-b");
+    assert_eq!(relays[1]["host"], "host-1");
+    for r in relays {
+        let hb = r["heartbeat_age_seconds"].as_f64().unwrap();
+        assert!((4.0..30.0).contains(&hb), "heartbeat age {hb}");
+    }
+
+    // The human table says the same.
+    let out = binary(&env.process_env())
+        .args(["status"])
+        .output()
+        .unwrap();
+    let table = stdout_of(&out);
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        [
+            "SOURCE",
+            "PENDING",
+            "OLDEST_PENDING",
+            "DLQ",
+            "RELAYS",
+            "LAST_PUBLISH"
+        ],
+        "{table}"
+    );
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[0], source, "{table}");
+    assert_eq!(row[1], "3", "{table}");
+    assert!(row[2].starts_with("1m3"), "{table}");
+    assert_eq!(row[3..], ["3", "2", "2026-01-02T03:04:09.001Z"], "{table}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["invalid_payload", "2"]),
+        "{table}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("relay-b ")), "{table}");
+    assert!(!table.contains("relay-c"), "{table}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_ensure_creates_with_catalog_retention_and_applies_drift_only_when_asked() {
+    let prefix = format!("o{}.", unique());
+    let mut settings = Settings::default();
+    settings.kafka.brokers = brokers();
+    settings.kafka.topic_prefix = prefix.clone();
+    let env = vec![
+        ("OUTBOX_RELAY_KAFKA__BROKERS".to_string(), brokers()),
+        (
+            "OUTBOX_RELAY_KAFKA__TOPIC_PREFIX".to_string(),
+            prefix.clone(),
+        ),
+        (
+            "OUTBOX_RELAY_CATALOG__PATHS".to_string(),
+            format!("[\"{}\"]", catalog_dir().display()),
+        ),
+    ];
+    let ensure = |extra: &[&str], partitions: &str| {
+        let mut env = env.clone();
+        env.push(("OUTBOX_RELAY_TOPICS__PARTITIONS".into(), partitions.into()));
+        let out = binary(&env)
+            .args(["topics", "ensure", "--json"])
+            .args(extra)
+            .output()
+            .unwrap();
+        let reports: Value = serde_json::from_str(&stdout_of(&out)).unwrap();
+        reports
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r["topic"].as_str().unwrap().to_string(), r.clone()))
+            .collect::<BTreeMap<String, Value>>()
+    };
+    let catalog_topics = [
+        "platform.audit.events",
+        "platform.auth.events",
+        "platform.billing.events",
+        "platform.files.events",
+        "platform.module.events",
+        "platform.money.events",
+        "platform.notify.events",
+    ];
+    let auth = format!("{prefix}platform.auth.events");
+    let audit = format!("{prefix}platform.audit.events");
+
+    let created = ensure(&[], "2");
+    assert_eq!(
+        created.keys().cloned().collect::<Vec<_>>(),
+        catalog_topics
+            .iter()
+            .map(|t| format!("{prefix}{t}"))
+            .collect::<Vec<_>>()
+    );
+    for (topic, r) in &created {
+        assert_eq!(r["action"], "created", "{topic}");
+        assert_eq!(r["partitions"], 2, "{topic}");
+    }
+    assert_eq!(created[&auth]["retention_ms"], 7 * DAY_MS);
+    assert_eq!(created[&audit]["retention_ms"], 30 * DAY_MS);
+    // Read back from the broker.
+    assert_eq!(
+        topics::retention_ms(&settings, &auth).await.unwrap(),
+        Some(7 * DAY_MS)
+    );
+    assert_eq!(
+        topics::retention_ms(&settings, &audit).await.unwrap(),
+        Some(30 * DAY_MS)
+    );
+    assert_eq!(partition_count(&settings, &auth).await, 2);
+
+    let again = ensure(&[], "2");
+    assert!(
+        again.values().all(|r| r["action"] == "up_to_date"),
+        "{again:?}"
+    );
+
+    // Someone shortens retention by hand (and sets an unrelated override);
+    // the configuration now asks for 3 partitions.
+    let admin = topics::admin_client(&settings).unwrap();
+    let alter = AlterConfig::new(ResourceSpecifier::Topic(&auth))
+        .set("retention.ms", "86400000")
+        .set("max.message.bytes", "2000000");
+    let res = admin
+        .alter_configs([&alter], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
+    assert_eq!(
+        topics::retention_ms(&settings, &auth).await.unwrap(),
+        Some(DAY_MS)
+    );
+
+    let drift = ensure(&[], "3");
+    assert_eq!(drift[&auth]["action"], "drift");
+    assert_eq!(drift[&auth]["applied"], false);
+    assert_eq!(
+        drift[&auth]["changes"],
+        json!(["retention.ms 86400000 -> 604800000", "partitions 2 -> 3"])
+    );
+    assert_eq!(drift[&audit]["changes"], json!(["partitions 2 -> 3"]));
+    // Reported, not changed.
+    assert_eq!(
+        topics::retention_ms(&settings, &auth).await.unwrap(),
+        Some(DAY_MS)
+    );
+    assert_eq!(partition_count(&settings, &auth).await, 2);
+
+    let applied = ensure(&["--apply"], "3");
+    assert_eq!(applied[&auth]["action"], "drift");
+    assert_eq!(applied[&auth]["applied"], true);
+    assert_eq!(
+        topics::retention_ms(&settings, &auth).await.unwrap(),
+        Some(7 * DAY_MS)
+    );
+    assert_eq!(
+        topics::retention_ms(&settings, &audit).await.unwrap(),
+        Some(30 * DAY_MS)
+    );
+    assert_eq!(partition_count(&settings, &auth).await, 3);
+    assert_eq!(partition_count(&settings, &audit).await, 3);
+    assert_eq!(
+        topic_config(&settings, &auth, "max.message.bytes")
+            .await
+            .as_deref(),
+        Some("2000000"),
+        "fixing retention keeps the topic's other overrides"
+    );
+
+    let settled = ensure(&[], "3");
+    assert!(
+        settled.values().all(|r| r["action"] == "up_to_date"),
+        "{settled:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_event_id_and_type_of_a_dead_lettered_event() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    use std::io::Read;
+
+    let env = TestEnv::new().await;
+    let id = env
+        .insert("auth.user.created", json!({"email": "x@example.com"}))
+        .await;
+    let mut child = env.spawn_process(&[("OUTBOX_RELAY_LOG__FORMAT", "json")]);
+    let dead = eventually(Duration::from_secs(30), || async {
+        env.dlq_count().await == 1
+    })
+    .await;
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(dead, "not dead-lettered; stderr:\n{stderr}");
+    assert!(status.success(), "{status:?}\n{stderr}");
+    let lines: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let entry = lines
+        .iter()
+        .find(|l| l["message"] == "event dead-lettered")
+        .unwrap_or_else(|| panic!("no dead-letter line:\n{stderr}"));
+    assert_eq!(entry["level"], "ERROR");
+    assert_eq!(entry["event_id"], id.as_str());
+    assert_eq!(entry["event_type"], "auth.user.created");
+    assert_eq!(entry["reason"], "missing_partition_key");
+}
