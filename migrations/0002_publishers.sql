@@ -33,6 +33,17 @@ ALTER TABLE outbox ADD COLUMN publisher text;
 
 -- Runs on every writer's insert, so it does one index lookup (catalog entry
 -- and role mapping together) and returns on the first test in the common case.
+--
+-- It runs with the writer's rights, and an unqualified table name would
+-- resolve to a writer's temporary table first (pg_temp is searched before
+-- everything unless named): a writer could shadow the role mapping, the
+-- catalog or pg_class and pass as any publisher. Every relation is therefore
+-- schema-qualified, with this migration's schema filled in below. (A
+-- `SET search_path` clause would do the same but costs a configuration
+-- change on every call.)
+DO $migration$
+BEGIN
+    EXECUTE replace($function$
 CREATE FUNCTION outbox_stamp_publisher() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -40,8 +51,8 @@ DECLARE
     actual   text;
 BEGIN
     SELECT c.publisher, r.publisher INTO expected, actual
-      FROM outbox_catalog c
-      LEFT JOIN outbox_publisher_roles r ON r.role_name = current_user
+      FROM @schema@.outbox_catalog c
+      LEFT JOIN @schema@.outbox_publisher_roles r ON r.role_name = current_user
      WHERE c.event_type = NEW.event_type;
     IF actual = expected THEN
         NEW.publisher := actual;
@@ -58,7 +69,8 @@ BEGIN
         -- unless they state one (a DLQ replay keeps the original publisher,
         -- which the relay checks again). Services must never run as either.
         IF current_setting('is_superuser') = 'on'
-           OR pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = TG_RELID), 'USAGE') THEN
+           OR pg_has_role(current_user,
+                          (SELECT relowner FROM pg_catalog.pg_class WHERE oid = TG_RELID), 'USAGE') THEN
             NEW.publisher := coalesce(NEW.publisher, expected);
             RETURN NEW;
         END IF;
@@ -72,19 +84,10 @@ BEGIN
         USING ERRCODE = '42501',
               DETAIL = format('The catalog allows only publisher %s to publish %s.', expected, NEW.event_type);
 END
-$$;
-
--- The function runs with the writer's rights, and an unqualified table name
--- would resolve to a writer's temporary table first (pg_temp is searched
--- before everything unless named): a writer could shadow the role mapping,
--- the catalog or pg_class and pass as any publisher. Pinning the search path
--- (pg_temp last) closes that.
-DO $$
-BEGIN
-    EXECUTE format('ALTER FUNCTION outbox_stamp_publisher() SET search_path = pg_catalog, %I, pg_temp',
-                   current_schema());
+$$
+$function$, '@schema@', quote_ident(current_schema()));
 END
-$$;
+$migration$;
 
 CREATE TRIGGER outbox_stamp_publisher
     BEFORE INSERT ON outbox

@@ -75,6 +75,11 @@ RETURNS SETOF bigint
 LANGUAGE plpgsql AS $$
 DECLARE
     jitter    float8 := random();
+    -- The failure's time, not the claim's (the transaction's now()): a step
+    -- that waited message.timeout.ms for Kafka would otherwise have used up
+    -- the delay already. Taken once, so that rows failing together come due
+    -- at exactly the same instant.
+    failed_at timestamptz := clock_timestamp();
     exhausted bigint[];
     messages  text[];
 BEGIN
@@ -97,8 +102,8 @@ BEGIN
        SET attempts = o.attempts + 1,
            unknown_failures = o.unknown_failures + i.unknown::integer,
            last_error = i.err,
-           first_failed_at = coalesce(o.first_failed_at, now()),
-           available_at = now() + outbox_retry_delay(o.attempts + 1, p_base_ms, p_cap_ms, jitter)
+           first_failed_at = coalesce(o.first_failed_at, failed_at),
+           available_at = failed_at + outbox_retry_delay(o.attempts + 1, p_base_ms, p_cap_ms, jitter)
       FROM unnest(p_ids, p_errors, p_unknown) AS i(id, err, unknown)
      WHERE o.id = i.id
        AND o.id <> ALL (exhausted);

@@ -9,7 +9,10 @@ CREATE TABLE outbox_relays (
     started_at      timestamptz NOT NULL DEFAULT now(),
     heartbeat_at    timestamptz NOT NULL DEFAULT now(),
     last_publish_at timestamptz,
-    published_total bigint      NOT NULL DEFAULT 0
+    published_total bigint      NOT NULL DEFAULT 0,
+    -- Set by a graceful shutdown; the row stays so that `status` still
+    -- knows the last publish when no relay runs.
+    stopped_at      timestamptz
 );
 
 REVOKE ALL ON outbox_relays FROM PUBLIC;

@@ -153,6 +153,9 @@ pub struct RelaySettings {
     pub batch_size: u32,
     /// Sleep after an empty claim. Full batches loop at once.
     pub idle_interval_ms: u64,
+    /// LISTEN for the wake-ups that `SELECT outbox_enable_notify()` turns
+    /// on, ending the idle sleep as soon as an event is committed.
+    pub listen: bool,
     /// Attempts before an error of unknown class is dead-lettered as
     /// `retries_exhausted`. Transient errors are retried without limit.
     pub max_attempts: u32,
@@ -252,6 +255,7 @@ impl Default for Settings {
                 source: "default".into(),
                 batch_size: 1000,
                 idle_interval_ms: 5,
+                listen: false,
                 max_attempts: 12,
                 retry_base_ms: 500,
                 retry_max_ms: 60_000,

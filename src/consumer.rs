@@ -597,8 +597,8 @@ impl Consumer {
     async fn check_schema(&self) -> Result<(), ConsumerError> {
         let (exists, can_insert): (bool, bool) = sqlx::query_as(
             "SELECT to_regclass('processed_event_ids') IS NOT NULL, \
-                    to_regclass('processed_event_ids') IS NOT NULL \
-                    AND has_table_privilege('processed_event_ids', 'INSERT')",
+                    CASE WHEN to_regclass('processed_event_ids') IS NULL THEN false \
+                         ELSE has_table_privilege('processed_event_ids', 'INSERT') END",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -654,10 +654,13 @@ impl Consumer {
             return Some(Outcome::Skipped);
         };
         // Subscribed types are catalog types (checked at start-up).
-        let def = self.catalog.get(&event.event_type)?;
-        if event.source != def.publisher {
+        let allowed = self
+            .catalog
+            .get(&event.event_type)
+            .map(|def| def.publisher.as_str());
+        if allowed != Some(event.source.as_str()) {
             tracing::error!(consumer = %name, event_id = %event.id, event_type = %event.event_type,
-                source = %event.source, allowed = %def.publisher,
+                source = %event.source, allowed = allowed.unwrap_or("(none)"),
                 "403 Forbidden: event from a publisher the catalog does not allow; not handled");
             self.count(&event.event_type, Outcome::ForbiddenSource);
             return Some(Outcome::ForbiddenSource);

@@ -235,6 +235,22 @@ pub fn classify_sqlstate(code: &str) -> DbClass {
     }
 }
 
+/// How the running relay loop treats a database error. Its credentials
+/// worked at start-up, so a refusal now (28000: the role may not log in or
+/// no pg_hba.conf entry matches; 28P01: wrong password) is a change in
+/// progress — a credential rotation, an hba reload, a failover to a server
+/// not configured yet — and is waited out unready (`/readyz` answers 503,
+/// the lag alert covers a long one) instead of ending the process. At
+/// start-up the same codes stop it with the message ([`classify_db`]).
+pub fn classify_db_running(err: &sqlx::Error) -> DbClass {
+    match err {
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("28000" | "28P01")) => {
+            DbClass::Retry
+        }
+        _ => classify_db(err),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

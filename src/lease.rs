@@ -20,6 +20,7 @@ use sqlx::{ConnectOptions, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::LeaseSettings;
+use crate::http::LeaseState;
 use crate::{metrics, sql};
 
 #[derive(Debug, Clone, Copy)]
@@ -200,6 +201,7 @@ pub async fn run(
     leases: Arc<Leases>,
     url: String,
     progress: Arc<crate::relay::Progress>,
+    report: Arc<dyn Fn(LeaseState) + Send + Sync>,
     token: CancellationToken,
     drained: CancellationToken,
 ) {
@@ -230,17 +232,20 @@ pub async fn run(
             match leases.round(c, total, last_publish, published).await {
                 Ok(extras) => {
                     metrics::leases_owned(&leases.source, leases.held_count());
+                    report(LeaseState::after_round(leases.held_count()));
                     if !extras.is_empty() {
                         tokio::spawn(hand_back(leases.clone(), url.clone(), extras));
                     }
                 }
                 Err(err) => {
+                    report(LeaseState::Unavailable);
                     tracing::warn!(error = %err, "lease renewal failed; leases will lapse unless it recovers");
                     conn = None;
                     wait = backoff.next().unwrap_or(interval).min(interval);
                 }
             }
         } else {
+            report(LeaseState::Unavailable);
             wait = backoff.next().unwrap_or(interval).min(interval);
         }
         tokio::select! {

@@ -64,6 +64,13 @@ pub enum RunError {
 /// relays a process runs, as tests do).
 pub fn metrics_handle() -> Result<PrometheusHandle, RunError> {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    // Serializes the first installs: two relays starting at once (parallel
+    // tests) must not both try to set the global recorder.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let _installing = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(h) = HANDLE.get() {
         return Ok(h.clone());
     }
@@ -163,9 +170,11 @@ fn hostname() -> String {
 }
 
 /// Readiness of every source plus Kafka, folded into [`Readiness`].
+#[derive(Default)]
 struct SourceHealth {
     readiness: Arc<Readiness>,
     sources: std::sync::Mutex<std::collections::HashMap<String, bool>>,
+    leases: std::sync::Mutex<std::collections::HashMap<String, http::LeaseState>>,
 }
 
 impl SourceHealth {
@@ -173,6 +182,21 @@ impl SourceHealth {
         let mut map = self.sources.lock().expect("source health");
         map.insert(source.to_string(), ok);
         self.readiness.set_postgres(map.values().all(|ok| *ok));
+    }
+
+    /// Unavailable if any source's lease task cannot reach its database;
+    /// otherwise holding the sum of partitions, or standing by.
+    fn set_leases(&self, source: &str, state: http::LeaseState) {
+        use http::LeaseState::*;
+        let mut map = self.leases.lock().expect("lease health");
+        map.insert(source.to_string(), state);
+        let folded = map.values().fold(StandingBy, |acc, s| match (acc, *s) {
+            (Unavailable, _) | (_, Unavailable) => Unavailable,
+            (Holding(a), Holding(b)) => Holding(a + b),
+            (Holding(n), StandingBy) | (StandingBy, Holding(n)) => Holding(n),
+            (StandingBy, StandingBy) => StandingBy,
+        });
+        self.readiness.set_leases(folded);
     }
 }
 
@@ -188,15 +212,28 @@ async fn watch(
     let source = relay.source().to_string();
     let host = hostname();
     let pool = relay.pool().clone();
+    // Fixed at install, so read once: the "partitions without owner" alert
+    // compares it with the leases relays report.
+    let mut partitions_known = relay.leases().is_none();
     loop {
-        match sql::backlog(&pool, EXACT_COUNT_BELOW).await {
+        let reachable = match sql::backlog(&pool, EXACT_COUNT_BELOW).await {
             Ok(b) => {
                 health.set(&source, true);
                 metrics::backlog(&source, b.pending, b.oldest_pending_age_seconds, b.dlq_dead);
+                true
             }
             Err(err) => {
                 health.set(&source, false);
                 tracing::warn!(source = %source, error = %err, "backlog query failed");
+                false
+            }
+        };
+        if reachable && !partitions_known {
+            if let Ok(mut conn) = pool.acquire().await {
+                if let Ok(n) = sql::vpartition_count(&mut conn).await {
+                    metrics::lease_partitions(&source, n as usize);
+                    partitions_known = true;
+                }
             }
         }
         if relay.leases().is_none() {
@@ -227,6 +264,42 @@ async fn watch(
     }
 }
 
+/// Wakes the relay loop on `outbox_relay` notifications; reconnects with
+/// backoff, and the loop keeps polling meanwhile.
+async fn listen(url: String, wake: Arc<tokio::sync::Notify>, token: CancellationToken) {
+    let mut delays = relay::db_backoff();
+    while !token.is_cancelled() {
+        let listener = async {
+            let mut l = sqlx::postgres::PgListener::connect(&url).await?;
+            l.listen("outbox_relay").await?;
+            Ok::<_, sqlx::Error>(l)
+        };
+        let mut listener = match listener.await {
+            Ok(l) => l,
+            Err(err) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %err, "LISTEN failed; polling only");
+                tokio::select! {
+                    _ = token.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                n = listener.recv() => match n {
+                    Ok(_) => wake.notify_one(),
+                    Err(err) => {
+                        tracing::warn!(error = %err, "LISTEN connection lost");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
 /// Relays one source database until `token` is cancelled. A source that is
 /// down keeps retrying on its own; the others are not held up.
 async fn run_source(
@@ -252,15 +325,25 @@ async fn run_source(
             settings.leases.clone(),
         );
         relay = relay.with_leases(leases.clone());
+        let lease_health = health.clone();
+        let name = source.name.clone();
         lease_task = Some(tokio::spawn(lease::run(
             leases,
             source.url.expose().to_string(),
             relay.progress(),
+            Arc::new(move |state| lease_health.set_leases(&name, state)),
             token.clone(),
             drained.clone(),
         )));
     }
     let relay = Arc::new(relay);
+    if settings.relay.listen {
+        tokio::spawn(listen(
+            source.url.expose().to_string(),
+            relay.wake(),
+            token.clone(),
+        ));
+    }
     tracing::info!(source = %relay.source(), relay_id = %relay_id, "relaying source");
     let watcher = tokio::spawn(watch(
         relay.clone(),
@@ -313,7 +396,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let producer = Arc::new(connect_kafka(&settings, &token).await?);
         let health = Arc::new(SourceHealth {
             readiness: readiness.clone(),
-            sources: Default::default(),
+            ..Default::default()
         });
         let sources = settings.sources();
         tracing::info!(

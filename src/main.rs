@@ -245,8 +245,8 @@ async fn main() -> Result<()> {
             } else {
                 print!("{}", report.render());
             }
-            if !report.all_reachable() {
-                bail!("some sources could not be read (see UNREACHABLE above)");
+            if !report.all_read() {
+                bail!("some sources could not be read");
             }
         }
     }

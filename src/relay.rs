@@ -56,6 +56,8 @@ pub struct Relay {
     source: String,
     leases: Option<Arc<Leases>>,
     progress: Arc<Progress>,
+    /// Woken by LISTEN/NOTIFY (when `relay.listen` is on) to end an idle wait early.
+    wake: Arc<tokio::sync::Notify>,
 }
 
 /// What this relay has published; read by the heartbeat.
@@ -101,7 +103,13 @@ impl Relay {
             settings,
             leases: None,
             progress: Arc::new(Progress::default()),
+            wake: Arc::new(tokio::sync::Notify::new()),
         }
+    }
+
+    /// Ends the current idle wait, if any (a new event was announced).
+    pub fn wake(&self) -> Arc<tokio::sync::Notify> {
+        self.wake.clone()
     }
 
     pub fn progress(&self) -> Arc<Progress> {
@@ -157,7 +165,8 @@ impl Relay {
             }
             None => sql::claim(&mut tx, relay.batch_size as i64).await?,
         };
-        metrics::batch(rows.len(), started.elapsed());
+        let claimed_in = started.elapsed();
+        metrics::batch(rows.len(), claimed_in);
         if rows.is_empty() {
             tx.rollback().await?;
             return Ok(Outcome::Empty);
@@ -209,7 +218,9 @@ impl Relay {
             None => HashMap::new(),
         };
         let give_up = self.lease_deadline(&ready, &epochs);
+        let prepared_in = started.elapsed();
         let results = publish::publish_batch(&producer, &ready, give_up).await;
+        let acked_in = started.elapsed();
 
         let now = Utc::now();
         let mut acked = Vec::with_capacity(ready.len());
@@ -350,7 +361,18 @@ impl Relay {
                 "event dead-lettered");
             dead_types.push((row.event_type.clone(), DlqReason::RetriesExhausted));
         }
-        if let Err(err) = tx.commit().await {
+        let settled_in = started.elapsed();
+        let committed = tx.commit().await;
+        tracing::trace!(
+            rows = rows.len(),
+            claim_us = claimed_in.as_micros() as u64,
+            prepare_us = (prepared_in - claimed_in).as_micros() as u64,
+            publish_us = (acked_in - prepared_in).as_micros() as u64,
+            settle_us = (settled_in - acked_in).as_micros() as u64,
+            commit_us = (started.elapsed() - settled_in).as_micros() as u64,
+            "batch timings"
+        );
+        if let Err(err) = committed {
             // Kafka has these events; they will be published again with the
             // same ids once the rows are claimed again (at-least-once).
             tracing::warn!(events = acked.len(), error = %err,
@@ -389,32 +411,26 @@ impl Relay {
 
     /// Completes when the leases of the batch's partitions run short (never
     /// without leases). Renewals extend the wait while the leases hold.
-    fn lease_deadline<'a>(
-        &'a self,
-        batch: &'a [Prepared],
-        epochs: &'a HashMap<i16, i64>,
-    ) -> impl std::future::Future<Output = ()> + 'a {
-        async move {
-            let Some(leases) = &self.leases else {
+    async fn lease_deadline(&self, batch: &[Prepared], epochs: &HashMap<i16, i64>) {
+        let Some(leases) = &self.leases else {
+            return std::future::pending().await;
+        };
+        let vps: std::collections::BTreeSet<i16> = batch.iter().map(|m| m.vpartition).collect();
+        loop {
+            let mut deadline: Option<Instant> = None;
+            for vp in &vps {
+                match leases.still_valid(*vp, epochs[vp]) {
+                    Some(until) => deadline = Some(deadline.map_or(until, |d| d.min(until))),
+                    None => return,
+                }
+            }
+            let Some(deadline) = deadline else {
                 return std::future::pending().await;
             };
-            let vps: std::collections::BTreeSet<i16> = batch.iter().map(|m| m.vpartition).collect();
-            loop {
-                let mut deadline: Option<Instant> = None;
-                for vp in &vps {
-                    match leases.still_valid(*vp, epochs[vp]) {
-                        Some(until) => deadline = Some(deadline.map_or(until, |d| d.min(until))),
-                        None => return,
-                    }
-                }
-                let Some(deadline) = deadline else {
-                    return std::future::pending().await;
-                };
-                if deadline <= Instant::now() {
-                    return;
-                }
-                tokio::time::sleep_until(deadline.into()).await;
+            if deadline <= Instant::now() {
+                return;
             }
+            tokio::time::sleep_until(deadline.into()).await;
         }
     }
 
@@ -426,6 +442,7 @@ impl Relay {
         let full = self.settings.relay.batch_size as usize;
         let mut backoff = db_backoff();
         while !token.is_cancelled() {
+            let mut wakeable = false;
             let wait = match self.step().await {
                 Ok(Outcome::Batch(r)) if r.claimed >= full && r.retried == 0 => {
                     backoff = db_backoff();
@@ -433,11 +450,12 @@ impl Relay {
                 }
                 Ok(_) => {
                     backoff = db_backoff();
+                    wakeable = true;
                     idle
                 }
                 Err(RelayError::Db(err)) => {
                     metrics::db_error(self.source());
-                    if failure::classify_db(&err) == DbClass::Fatal {
+                    if failure::classify_db_running(&err) == DbClass::Fatal {
                         tracing::error!(error = %err, "database error that no retry can fix");
                         return Err(err.into());
                     }
@@ -451,6 +469,7 @@ impl Relay {
             tokio::select! {
                 _ = token.cancelled() => break,
                 _ = tokio::time::sleep(wait) => {}
+                _ = self.wake.notified(), if wakeable => {}
             }
         }
         Ok(())

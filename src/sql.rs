@@ -188,7 +188,8 @@ pub async fn vpartition_count(conn: &mut PgConnection) -> sqlx::Result<i32> {
 /// Relays of this database whose heartbeat is younger than `ttl_ms`.
 pub async fn live_relays(conn: &mut PgConnection, ttl_ms: u64) -> sqlx::Result<i64> {
     sqlx::query_scalar(
-        "SELECT count(*) FROM outbox_relays WHERE heartbeat_at > now() - make_interval(secs => $1 / 1000.0)",
+        "SELECT count(*) FROM outbox_relays \
+          WHERE stopped_at IS NULL AND heartbeat_at > now() - make_interval(secs => $1 / 1000.0)",
     )
     .bind(ttl_ms as f64)
     .fetch_one(conn)
@@ -427,7 +428,7 @@ pub async fn heartbeat(
     sqlx::query(
         "INSERT INTO outbox_relays (relay_id, source, host, version, last_publish_at, published_total) \
          VALUES ($1, $2, $3, $4, $5, $6) \
-         ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now(), \
+         ON CONFLICT (relay_id) DO UPDATE SET heartbeat_at = now(), stopped_at = NULL, \
              last_publish_at = coalesce(EXCLUDED.last_publish_at, outbox_relays.last_publish_at), \
              published_total = EXCLUDED.published_total",
     )
@@ -442,12 +443,16 @@ pub async fn heartbeat(
     Ok(())
 }
 
-/// Removes this relay's membership row at shutdown.
+/// Marks this relay stopped at shutdown (it no longer counts as a member),
+/// and forgets relays stopped more than a week ago.
 pub async fn leave(conn: &mut PgConnection, relay_id: &str) -> sqlx::Result<()> {
-    sqlx::query("DELETE FROM outbox_relays WHERE relay_id = $1")
-        .bind(relay_id)
-        .execute(conn)
-        .await?;
+    sqlx::query(
+        "WITH stopped AS (UPDATE outbox_relays SET stopped_at = now() WHERE relay_id = $1) \
+         DELETE FROM outbox_relays WHERE stopped_at < now() - interval '7 days'",
+    )
+    .bind(relay_id)
+    .execute(conn)
+    .await?;
     Ok(())
 }
 
@@ -461,11 +466,14 @@ pub struct RelayRow {
     pub heartbeat_at: DateTime<Utc>,
     pub last_publish_at: Option<DateTime<Utc>>,
     pub published_total: i64,
+    /// Set when the relay shut down gracefully.
+    pub stopped_at: Option<DateTime<Utc>>,
 }
 
 pub async fn relays(pool: &PgPool) -> sqlx::Result<Vec<RelayRow>> {
     sqlx::query_as(
-        "SELECT relay_id, source, host, version, started_at, heartbeat_at, last_publish_at, published_total \
+        "SELECT relay_id, source, host, version, started_at, heartbeat_at, last_publish_at, published_total, \
+                stopped_at \
            FROM outbox_relays ORDER BY relay_id",
     )
     .fetch_all(pool)

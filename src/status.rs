@@ -29,7 +29,7 @@ pub struct StatusReport {
 #[serde(untagged)]
 pub enum SourceReport {
     Ok(Box<SourceStatus>),
-    Unreachable { source: String, error: String },
+    Failed { source: String, error: String },
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -74,15 +74,16 @@ pub struct RelayStatus {
     pub leases: i64,
 }
 
-/// Reads every configured source; one that cannot be reached is reported
-/// as such without hiding the others.
+/// Reads every configured source; one that cannot be read (unreachable,
+/// refused, not migrated) is reported with the error without hiding the
+/// others.
 pub async fn collect_all(settings: &Settings) -> StatusReport {
     let mut sources = Vec::new();
     for source in settings.sources() {
         let timeout = Duration::from_millis(settings.database.connect_timeout_ms);
         let report = match read_source(&source, timeout).await {
             Ok(status) => SourceReport::Ok(Box::new(status)),
-            Err(err) => SourceReport::Unreachable {
+            Err(err) => SourceReport::Failed {
                 source: source.name.clone(),
                 error: err.to_string(),
             },
@@ -188,7 +189,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
 
 impl StatusReport {
     /// Whether every source could be read.
-    pub fn all_reachable(&self) -> bool {
+    pub fn all_read(&self) -> bool {
         self.sources
             .iter()
             .all(|s| matches!(s, SourceReport::Ok(_)))
@@ -207,14 +208,20 @@ impl StatusReport {
                     format!("{}{}", approx(s.pending_is_estimate), s.pending),
                     format_age(s.oldest_pending_age_seconds),
                     format!("{}{}", approx(s.dlq_is_estimate), s.dlq_dead),
-                    s.relays.len().to_string(),
+                    s.relays
+                        .iter()
+                        .filter(|r| r.row.stopped_at.is_none())
+                        .count()
+                        .to_string(),
                     format!("{}/{}", s.leases.owned, s.leases.partitions),
                     s.last_publish_at
                         .map(format_time)
                         .unwrap_or_else(|| "-".into()),
                 ],
-                SourceReport::Unreachable { source, error } => {
-                    vec![source.clone(), format!("UNREACHABLE: {error}")]
+                SourceReport::Failed { source, .. } => {
+                    let mut row = vec![source.clone()];
+                    row.extend(["-", "-", "-", "-", "-", "ERROR"].map(String::from));
+                    row
                 }
             })
             .collect();
@@ -230,6 +237,11 @@ impl StatusReport {
             ],
             &rows,
         );
+        for s in &self.sources {
+            if let SourceReport::Failed { source, error } = s {
+                out.push_str(&format!("\n{source}: {error}\n"));
+            }
+        }
         for s in &self.sources {
             let SourceReport::Ok(s) = s else { continue };
             if !s.dlq_by_reason.is_empty() {
@@ -253,7 +265,10 @@ impl StatusReport {
                             r.row.host.clone(),
                             r.row.version.clone(),
                             r.leases.to_string(),
-                            format_age(r.heartbeat_age_seconds),
+                            match r.row.stopped_at {
+                                Some(t) => format!("stopped {}", format_time(t)),
+                                None => format_age(r.heartbeat_age_seconds),
+                            },
                             r.row
                                 .last_publish_at
                                 .map(format_time)
@@ -299,7 +314,10 @@ mod tests {
     fn tables_align_columns() {
         let t = table(
             &["A", "LONGER"],
-            &[vec!["xxxx".into(), "1".into()], vec!["y".into(), "22".into()]],
+            &[
+                vec!["xxxx".into(), "1".into()],
+                vec!["y".into(), "22".into()],
+            ],
         );
         assert_eq!(t, "A     LONGER\nxxxx  1\ny     22\n");
     }

@@ -9,11 +9,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use rdkafka::admin::{
-    AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier,
-    TopicReplication,
+    AdminClient, AdminOptions, AlterConfig, ConfigResource, ConfigSource, NewPartitions, NewTopic,
+    ResourceSpecifier, TopicReplication,
 };
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
@@ -34,6 +35,8 @@ pub enum TopicAction {
     },
 }
 
+/// One catalog topic after `ensure`: its partition count and retention as
+/// they now are on the cluster, and what was done.
 #[derive(Debug, Clone, Serialize)]
 pub struct TopicReport {
     pub topic: String,
@@ -51,8 +54,19 @@ pub enum TopicsError {
     Topic { topic: String, message: String },
 }
 
+fn topic_error(topic: &str, message: impl Into<String>) -> TopicsError {
+    TopicsError::Topic {
+        topic: topic.to_string(),
+        message: message.into(),
+    }
+}
+
 pub fn admin_client(settings: &Settings) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
     client_config(&settings.kafka).create()
+}
+
+fn admin_options() -> AdminOptions {
+    AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))
 }
 
 /// Desired (partitions, retention.ms) for every catalog topic, by full name.
@@ -70,23 +84,108 @@ pub fn desired(settings: &Settings, catalog: &Catalog) -> BTreeMap<String, (i32,
         .collect()
 }
 
+/// Partition counts of the topics that exist, by name.
+async fn existing_partitions(
+    admin: &AdminClient<DefaultClientContext>,
+) -> Result<BTreeMap<String, i32>, KafkaError> {
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))?;
+    Ok(metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
+        .collect())
+}
+
+/// The configuration of each named topic, in one request.
+async fn describe(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[&str],
+) -> Result<BTreeMap<String, ConfigResource>, TopicsError> {
+    if topics.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let specifiers: Vec<ResourceSpecifier> =
+        topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let results = admin
+        .describe_configs(specifiers.iter(), &admin_options())
+        .await?;
+    let mut out = BTreeMap::new();
+    for (topic, result) in topics.iter().zip(results) {
+        let resource = result
+            .map_err(|code| topic_error(topic, format!("describing configs failed: {code}")))?;
+        out.insert(topic.to_string(), resource);
+    }
+    Ok(out)
+}
+
+fn retention_of(resource: &ConfigResource) -> Option<i64> {
+    resource
+        .get("retention.ms")
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Sets `retention.ms`, keeping every other topic-level override. The admin
+/// API librdkafka offers here (AlterConfigs) replaces a topic's whole
+/// configuration: an override left out of the request is reset to the
+/// broker default, so each one is sent back as it is.
+async fn set_retention(
+    admin: &AdminClient<DefaultClientContext>,
+    topic: &str,
+    current: &ConfigResource,
+    retention_ms: i64,
+) -> Result<(), TopicsError> {
+    let mut entries: BTreeMap<&str, String> = BTreeMap::new();
+    for e in &current.entries {
+        if e.source != ConfigSource::DynamicTopic || e.name == "retention.ms" {
+            continue;
+        }
+        match &e.value {
+            Some(v) => {
+                entries.insert(e.name.as_str(), v.clone());
+            }
+            // A sensitive override is not readable, so it could not be sent
+            // back: changing retention would silently drop it.
+            None => {
+                return Err(topic_error(
+                    topic,
+                    format!(
+                        "override `{}` is not readable (sensitive); change retention.ms by hand",
+                        e.name
+                    ),
+                ))
+            }
+        }
+    }
+    let retention = retention_ms.to_string();
+    let mut alter =
+        AlterConfig::new(ResourceSpecifier::Topic(topic)).set("retention.ms", &retention);
+    for (k, v) in &entries {
+        alter = alter.set(k, v);
+    }
+    for r in admin.alter_configs([&alter], &admin_options()).await? {
+        if let Err((_, code)) = r {
+            return Err(topic_error(
+                topic,
+                format!("changing retention.ms failed: {code}"),
+            ));
+        }
+    }
+    Ok(())
+}
+
 pub async fn ensure(
     settings: &Settings,
     catalog: &Catalog,
     apply: bool,
 ) -> Result<Vec<TopicReport>, TopicsError> {
     let admin = admin_client(settings)?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let metadata = admin
-        .inner()
-        .fetch_metadata(None, Duration::from_secs(10))?;
-    let existing: BTreeMap<String, i32> = metadata
-        .topics()
-        .iter()
-        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
-        .collect();
-    let mut reports = Vec::new();
     let wanted = desired(settings, catalog);
+    let mut existing = existing_partitions(&admin).await?;
+    let mut reports = Vec::new();
 
     let missing: Vec<(&String, &(i32, i64))> = wanted
         .iter()
@@ -106,7 +205,8 @@ pub async fn ensure(
                 .set("retention.ms", retention)
             })
             .collect();
-        for result in admin.create_topics(&new_topics, &opts).await? {
+        let mut raced = false;
+        for result in admin.create_topics(&new_topics, &admin_options()).await? {
             match result {
                 Ok(topic) => {
                     let (partitions, retention_ms) = wanted[&topic];
@@ -117,86 +217,81 @@ pub async fn ensure(
                         action: TopicAction::Created,
                     });
                 }
+                // Created meanwhile (another `ensure`, a deploy job): it is
+                // compared below like any existing topic.
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => raced = true,
                 Err((topic, code)) => {
-                    return Err(TopicsError::Topic {
-                        topic,
-                        message: format!("create failed: {code}"),
-                    })
+                    return Err(topic_error(&topic, format!("create failed: {code}")))
                 }
             }
         }
+        if raced {
+            existing = existing_partitions(&admin).await?;
+        }
     }
 
-    for (topic, (partitions, retention_ms)) in &wanted {
-        let Some(&actual_partitions) = existing.get(topic) else {
-            continue;
-        };
-        let configs = admin
-            .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
-            .await?;
-        let actual_retention = configs
-            .into_iter()
-            .next()
-            .and_then(|r| r.ok())
-            .and_then(|r| r.get("retention.ms").and_then(|e| e.value.clone()))
-            .and_then(|v| v.parse::<i64>().ok());
+    let created: Vec<String> = reports.iter().map(|r| r.topic.clone()).collect();
+    let to_check: Vec<&str> = wanted
+        .keys()
+        .filter(|t| existing.contains_key(*t) && !created.contains(t))
+        .map(String::as_str)
+        .collect();
+    let configs = describe(&admin, &to_check).await?;
+    for topic in to_check {
+        let (partitions, retention_ms) = wanted[topic];
+        let actual_partitions = existing[topic];
+        let config = &configs[topic];
+        let actual_retention = retention_of(config);
+        let retention_drift = actual_retention != Some(retention_ms);
         let mut changes = Vec::new();
-        if actual_retention != Some(*retention_ms) {
+        if retention_drift {
             changes.push(format!(
                 "retention.ms {} -> {retention_ms}",
                 actual_retention.map_or("unset".into(), |v| v.to_string())
             ));
         }
-        if actual_partitions < *partitions {
+        if actual_partitions < partitions {
             changes.push(format!("partitions {actual_partitions} -> {partitions}"));
-        } else if actual_partitions > *partitions {
+        } else if actual_partitions > partitions {
             changes.push(format!(
                 "partitions {actual_partitions} > configured {partitions} (Kafka cannot shrink a topic; left as is)"
             ));
         }
         if changes.is_empty() {
             reports.push(TopicReport {
-                topic: topic.clone(),
+                topic: topic.to_string(),
                 partitions: actual_partitions,
-                retention_ms: *retention_ms,
+                retention_ms,
                 action: TopicAction::UpToDate,
             });
             continue;
         }
+        let mut now_partitions = actual_partitions;
+        let mut now_retention = actual_retention.unwrap_or(-1);
         if apply {
-            if actual_retention != Some(*retention_ms) {
-                let value = retention_ms.to_string();
-                let alter =
-                    AlterConfig::new(ResourceSpecifier::Topic(topic)).set("retention.ms", &value);
-                for r in admin.alter_configs([&alter], &opts).await? {
+            if retention_drift {
+                set_retention(&admin, topic, config, retention_ms).await?;
+                now_retention = retention_ms;
+            }
+            if actual_partitions < partitions {
+                let more = NewPartitions::new(topic, partitions as usize);
+                for r in admin.create_partitions([&more], &admin_options()).await? {
                     if let Err((_, code)) = r {
-                        return Err(TopicsError::Topic {
-                            topic: topic.clone(),
-                            message: format!("changing retention.ms failed: {code}"),
-                        });
+                        return Err(topic_error(
+                            topic,
+                            format!("adding partitions failed: {code}"),
+                        ));
                     }
                 }
+                now_partitions = partitions;
             }
-            if actual_partitions < *partitions {
-                let more = NewPartitions::new(topic, *partitions as usize);
-                for r in admin.create_partitions([&more], &opts).await? {
-                    if let Err((_, code)) = r {
-                        return Err(TopicsError::Topic {
-                            topic: topic.clone(),
-                            message: format!("adding partitions failed: {code}"),
-                        });
-                    }
-                }
-            }
+        } else {
+            tracing::warn!(topic, changes = %changes.join("; "), "topic drift (not changed without --apply)");
         }
         reports.push(TopicReport {
-            topic: topic.clone(),
-            partitions: actual_partitions.max(if apply { *partitions } else { 0 }),
-            retention_ms: if apply {
-                *retention_ms
-            } else {
-                actual_retention.unwrap_or(-1)
-            },
+            topic: topic.to_string(),
+            partitions: now_partitions,
+            retention_ms: now_retention,
             action: TopicAction::Drift {
                 changes,
                 applied: apply,
@@ -210,14 +305,6 @@ pub async fn ensure(
 /// Reads `retention.ms` of a topic back through the admin API.
 pub async fn retention_ms(settings: &Settings, topic: &str) -> Result<Option<i64>, TopicsError> {
     let admin = admin_client(settings)?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    let configs = admin
-        .describe_configs([&ResourceSpecifier::Topic(topic)], &opts)
-        .await?;
-    Ok(configs
-        .into_iter()
-        .next()
-        .and_then(|r| r.ok())
-        .and_then(|r| r.get("retention.ms").and_then(|e| e.value.clone()))
-        .and_then(|v| v.parse().ok()))
+    let configs = describe(&admin, &[topic]).await?;
+    Ok(configs.get(topic).and_then(retention_of))
 }

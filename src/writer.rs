@@ -80,10 +80,12 @@ pub async fn enqueue_with<E: Event>(
         .context
         .map(|c| serde_json::to_value(c).map_err(|e| sqlx::Error::Encode(Box::new(e))))
         .transpose()?;
-    // No RETURNING: a writer role has INSERT privilege only.
+    // No RETURNING and no conflict target: both need SELECT, and a writer
+    // role has INSERT privilege only. The only unique key a writer can hit
+    // is the event id (the ordering id is generated).
     sqlx::query(
         "INSERT INTO outbox (event_id, event_type, tenant_id, payload, headers) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING",
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
     )
     .bind(&event_id)
     .bind(E::EVENT_TYPE)

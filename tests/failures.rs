@@ -527,8 +527,8 @@ async fn a_missing_topic_is_transient_however_often_it_fails_and_publishes_once_
     settings.kafka.topic_prefix = format!("missing{}.", unique());
     settings.kafka.message_timeout_ms = 2_000;
     settings.relay.max_attempts = 1;
-    settings.relay.retry_base_ms = 20;
-    settings.relay.retry_max_ms = 40;
+    settings.relay.retry_base_ms = 300;
+    settings.relay.retry_max_ms = 600;
     let mut written = Vec::new();
     for user in ["user-1", "user-2", "user-1"] {
         written.push(
@@ -542,8 +542,9 @@ async fn a_missing_topic_is_transient_however_often_it_fails_and_publishes_once_
     let relay = env.relay_with(settings.clone()).await;
     for attempt in 1..=3 {
         let started = Instant::now();
-        assert_eq!(relay.step().await.unwrap(), batch(3, 0, 0, 3));
+        assert_eq!(step_when_due(&relay).await, batch(3, 0, 0, 3));
         assert!(started.elapsed() < Duration::from_secs(5));
+        let delay_ms = [300.0, 600.0, 600.0][attempt as usize - 1];
         let rows = pending(&env).await;
         assert_eq!(
             rows.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>(),
@@ -556,11 +557,14 @@ async fn a_missing_topic_is_transient_however_often_it_fails_and_publishes_once_
                 err.contains("UnknownTopic") || err.contains("MessageTimedOut"),
                 "{err}"
             );
-            assert!(r.due_in_ms > 0.0, "pushed into the future: {}", r.due_in_ms);
+            assert!(
+                r.due_in_ms > 0.0 && r.due_in_ms <= delay_ms,
+                "pushed into the future by at most {delay_ms} ms: {}",
+                r.due_in_ms
+            );
         }
         // One jitter per statement: rows that failed together come due together.
-        assert_eq!(rows[0].due_in_ms.round(), rows[2].due_in_ms.round());
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(rows[0].due_in_ms, rows[2].due_in_ms);
     }
     assert_eq!(
         env.dlq_count().await,
@@ -662,7 +666,7 @@ async fn only_unknown_class_failures_use_up_max_attempts() {
             (vec![t, u], vec![false, true])
         };
         let errors = vec![format!("error {round}"); 2];
-        let exhausted = sql::schedule_retry(&mut *tx, &ids, &errors, &unknown_flags, 2, 10, 10)
+        let exhausted = sql::schedule_retry(&mut tx, &ids, &errors, &unknown_flags, 2, 10, 10)
             .await
             .unwrap();
         tx.commit().await.unwrap();
@@ -848,27 +852,30 @@ async fn mock_cluster_topic_authorization_failure_is_dead_lettered() {
     let mock = MockCluster::new(1).unwrap();
     let settings = on_mock(&mock, &env).await;
     let relay = env.relay_with(settings).await;
+    let notify = || example_payload("notify.notification.sent");
 
-    // Warm up: the producer has its id and metadata before the error is armed.
-    env.insert(
-        "audit.record.created",
-        example_payload("audit.record.created"),
-    )
-    .await;
+    // Warm up: the producer has its id and a connection.
+    let warm = env.insert("notify.notification.sent", notify()).await;
     assert_eq!(step_when_due(&relay).await, batch(1, 1, 0, 0));
 
+    // The relay's principal may not write the audit topic; the notify topic
+    // in the same batch is unaffected.
+    mock.topic_error(
+        &env.topic("platform.audit.events"),
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
+    )
+    .unwrap();
+    let before = env.insert("notify.notification.sent", notify()).await;
     let denied = env
         .insert(
             "audit.record.created",
             example_payload("audit.record.created"),
         )
         .await;
-    mock.request_errors(
-        RDKafkaApiKey::Produce,
-        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED],
-    );
-    assert_eq!(step_when_due(&relay).await, batch(1, 0, 1, 0));
+    let after = env.insert("notify.notification.sent", notify()).await;
+    assert_eq!(step_when_due(&relay).await, batch(3, 2, 1, 0));
     let dead = dlq(&env).await;
+    assert_eq!(dead.keys().collect::<Vec<_>>(), vec![&denied]);
     assert_eq!(dead[&denied].reason, "topic_authorization_failed");
     assert_eq!(
         dead[&denied].last_error,
@@ -883,15 +890,26 @@ async fn mock_cluster_topic_authorization_failure_is_dead_lettered() {
         ),
         1.0
     );
-
-    // The error was the broker's answer to that request only.
-    env.insert(
-        "audit.record.created",
-        example_payload("audit.record.created"),
-    )
-    .await;
-    assert_eq!(step_when_due(&relay).await, batch(1, 1, 0, 0));
     assert_eq!(env.outbox_count().await, 0);
+
+    // What the mock broker holds: the notify events, in order.
+    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", mock.bootstrap_servers())
+        .set("group.id", format!("test-{}", unique()))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    rdkafka::consumer::Consumer::subscribe(
+        &consumer,
+        &[env.topic("platform.notify.events").as_str()],
+    )
+    .unwrap();
+    let got = read(&consumer, 4, Duration::from_secs(5)).await;
+    let mut got_ids = ids(&got);
+    got_ids.sort();
+    let mut want = vec![warm, before, after];
+    want.sort();
+    assert_eq!(got_ids, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -922,6 +940,14 @@ async fn mock_cluster_unknown_errors_are_retried_up_to_max_attempts_then_dead_le
     let rows = pending(&env).await;
     assert_eq!((rows[0].attempts, rows[0].unknown_failures), (1, 0));
     mock.broker_up(1).unwrap();
+    // Armed only once the producer is connected again, so that each error
+    // answers one attempt of the row.
+    let producer = relay.producer();
+    tokio::task::spawn_blocking(move || {
+        while outbox_relay::publish::check_metadata(&producer, Duration::from_secs(1)).is_err() {}
+    })
+    .await
+    .unwrap();
     mock.request_errors(
         RDKafkaApiKey::Produce,
         &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_INVALID_RECORD; 3],
@@ -938,7 +964,7 @@ async fn mock_cluster_unknown_errors_are_retried_up_to_max_attempts_then_dead_le
     assert_eq!(
         row.last_error,
         "gave up after 4 attempts (3 failures of unknown class, relay.max_attempts = 3): \
-         Message production error: InvalidRecord (Broker: Invalid record in record batch)"
+         Message production error: InvalidRecord (Broker: Broker failed to validate record)"
     );
     assert_eq!(
         counter(

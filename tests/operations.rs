@@ -251,8 +251,8 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
     let port = free_port();
     let mut settings = env.settings.clone();
     settings.http.listen = format!("127.0.0.1:{port}");
-    // Fail messages for the missing topic after 100 ms instead of 30 s, and
-    // report librdkafka statistics twice a second.
+    // Fail messages for the missing topic after 100 ms instead of waiting
+    // for it to appear, and report librdkafka statistics twice a second.
     settings
         .kafka
         .librdkafka
@@ -278,11 +278,9 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
         Some(1.0)
     );
     for (name, kind) in [
-        ("outbox_events_published_total", "counter"),
         ("outbox_pending_events", "gauge"),
         ("outbox_oldest_pending_age_seconds", "gauge"),
         ("outbox_dlq_events", "gauge"),
-        ("outbox_claim_duration_seconds", "histogram"),
         ("outbox_relay_info", "gauge"),
     ] {
         assert!(
@@ -291,7 +289,7 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
         );
     }
 
-    // Phase 1: five events publish, one is dead-lettered.
+    // Phase 1: five events publish, two are dead-lettered.
     let mut ids = Vec::new();
     for _ in 0..3 {
         ids.push(
@@ -316,8 +314,26 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
         )
         .await,
     );
+    // A type the catalog does not know, written around the publisher
+    // trigger (which would refuse it): its name must not become a label.
+    sqlx::query("ALTER TABLE outbox DISABLE TRIGGER outbox_stamp_publisher")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    ids.push(
+        sqlx::query_scalar(
+            "INSERT INTO outbox (event_type, payload) VALUES ('ghost.thing.happened', '{}') RETURNING event_id",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .unwrap(),
+    );
+    sqlx::query("ALTER TABLE outbox ENABLE TRIGGER outbox_stamp_publisher")
+        .execute(&env.pool)
+        .await
+        .unwrap();
     wait_for("outbox drained", Duration::from_secs(30), || async {
-        env.outbox_count().await == 0 && env.dlq_count().await == 1
+        env.outbox_count().await == 0 && env.dlq_count().await == 2
     })
     .await;
     let published = |text: &str, event_type: &str, topic: &str| {
@@ -331,7 +347,44 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
             ],
         )
     };
-    let m = scrape(port).await;
+    // The relay counts a batch just after committing it: wait for the last
+    // counter of this phase, then every figure must be exact.
+    let counted = |m: &str| {
+        unlabelled(m, "outbox_publish_latency_seconds_count")
+            - unlabelled(&before, "outbox_publish_latency_seconds_count")
+            >= 5.0
+            && series(
+                m,
+                "outbox_events_dead_lettered_total",
+                &[("source", &source)],
+            )
+            .iter()
+            .map(|s| s.value)
+            .sum::<f64>()
+                >= 2.0
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut m = scrape(port).await;
+    while !counted(&m) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "phase 1 not counted:\n{m}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        m = scrape(port).await;
+    }
+    for (name, kind) in [
+        ("outbox_events_published_total", "counter"),
+        ("outbox_events_dead_lettered_total", "counter"),
+        ("outbox_publish_latency_seconds", "histogram"),
+        ("outbox_batch_size", "histogram"),
+        ("outbox_claim_duration_seconds", "histogram"),
+    ] {
+        assert!(
+            m.contains(&format!("# TYPE {name} {kind}\n")),
+            "{name} {kind}\n{m}"
+        );
+    }
     assert_eq!(published(&m, "auth.user.created", &auth_topic), Some(3.0));
     assert_eq!(
         published(&m, "money.wallet.credited", &money_topic),
@@ -354,6 +407,19 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
         ),
         Some(1.0)
     );
+    assert_eq!(
+        value(
+            &m,
+            "outbox_events_dead_lettered_total",
+            &[
+                ("source", &source),
+                ("event_type", "unknown"),
+                ("reason", "unknown_event_type")
+            ]
+        ),
+        Some(1.0)
+    );
+    assert!(!m.contains("ghost.thing.happened"));
     assert!(series(&m, "outbox_publish_failures_total", &[("source", &source)]).is_empty());
     // The histograms are unlabelled; no other test publishes in this process.
     let delta = |name: &str| unlabelled(&m, name) - unlabelled(&before, name);
@@ -361,7 +427,7 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
     assert!(delta("outbox_publish_latency_seconds_sum") > 0.0);
     assert_eq!(
         delta("outbox_batch_size_sum"),
-        6.0,
+        7.0,
         "every row claimed exactly once"
     );
     assert!(delta("outbox_claim_duration_seconds_count") >= 1.0);
@@ -383,9 +449,21 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
                     "outbox_oldest_pending_age_seconds",
                     &[("source", &source)],
                 ) == Some(0.0)
-                && value(&m, "outbox_dlq_events", &[("source", &source)]) == Some(1.0)
+                && value(&m, "outbox_dlq_events", &[("source", &source)]) == Some(2.0)
         },
     )
+    .await;
+    // One relay: it ends up holding every virtual partition.
+    let partitions: i32 = sqlx::query_scalar("SELECT vpartitions FROM outbox_config")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    wait_for("lease gauges", Duration::from_secs(20), || async {
+        let m = scrape(port).await;
+        let p = value(&m, "outbox_lease_partitions", &[("source", &source)]);
+        p == Some(partitions as f64)
+            && value(&m, "outbox_leases_owned", &[("source", &source)]) == p
+    })
     .await;
     // librdkafka statistics arrive every 500 ms here.
     wait_for("librdkafka statistics", Duration::from_secs(10), || async {
@@ -484,9 +562,20 @@ async fn readyz_turns_unready_while_postgres_refuses_the_relay_and_recovers() {
     settings.database.connect_timeout_ms = 1_000;
     let (stop, task) = start(settings);
 
-    let readyz = || async { get(port, "/readyz").await };
+    // The body names each check on its own line; a lease line joins them
+    // when leases are wired into readiness, so only these two are matched.
+    let readyz = || async {
+        get(port, "/readyz").await.map(|(code, body)| {
+            let lines: Vec<String> = body
+                .lines()
+                .filter(|l| l.starts_with("postgres:") || l.starts_with("kafka:"))
+                .map(String::from)
+                .collect();
+            (code, lines.join("\n"))
+        })
+    };
     wait_for("ready", Duration::from_secs(30), || async {
-        readyz().await == Some((200, "postgres: ok\nkafka: ok\n".into()))
+        readyz().await == Some((200, "postgres: ok\nkafka: ok".into()))
     })
     .await;
     assert_eq!(get(port, "/healthz").await, Some((200, "ok\n".into())));
@@ -506,10 +595,19 @@ async fn readyz_turns_unready_while_postgres_refuses_the_relay_and_recovers() {
     .await
     .unwrap();
     assert!(terminated >= 1, "the relay had no session to terminate");
-    wait_for("unready", Duration::from_secs(30), || async {
-        readyz().await == Some((503, "postgres: unavailable\nkafka: ok\n".into()))
+    let unready = eventually(Duration::from_secs(30), || async {
+        readyz().await == Some((503, "postgres: unavailable\nkafka: ok".into()))
     })
     .await;
+    assert!(
+        unready,
+        "not unready; the relay {}",
+        if task.is_finished() {
+            format!("stopped: {:?}", task.await)
+        } else {
+            format!("runs, /readyz: {:?}", readyz().await)
+        }
+    );
     assert_eq!(
         get(port, "/healthz").await,
         Some((200, "ok\n".into())),
@@ -521,7 +619,7 @@ async fn readyz_turns_unready_while_postgres_refuses_the_relay_and_recovers() {
         .await
         .unwrap();
     wait_for("ready again", Duration::from_secs(30), || async {
-        readyz().await == Some((200, "postgres: ok\nkafka: ok\n".into()))
+        readyz().await == Some((200, "postgres: ok\nkafka: ok".into()))
     })
     .await;
 
@@ -617,6 +715,27 @@ async fn status_json_matches_the_database() {
         .unwrap();
     }
 
+    // relay-b holds two live leases; relay-a's one lease has expired.
+    sqlx::query(
+        "UPDATE outbox_leases SET owner = 'relay-b', epoch = 1, expires_at = now() + interval '1 hour' \
+          WHERE vpartition IN (0, 1)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "UPDATE outbox_leases SET owner = 'relay-a', epoch = 1, expires_at = now() - interval '1 second' \
+          WHERE vpartition = 2",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    let partitions: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_leases")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(partitions > 3);
+
     let out = binary(&env.process_env())
         .args(["status", "--json"])
         .output()
@@ -630,34 +749,67 @@ async fn status_json_matches_the_database() {
     .unwrap();
     let db_pending: i64 = env.outbox_count().await;
     assert_eq!(db_pending, 3);
-    assert_eq!(report["source"], source.as_str());
-    assert_eq!(report["pending"], db_pending);
-    assert_eq!(report["pending_is_estimate"], false);
-    let age = report["oldest_pending_age_seconds"].as_f64().unwrap();
+    assert_eq!(report["sources"].as_array().unwrap().len(), 1, "{report}");
+    let s = &report["sources"][0];
+    assert_eq!(s["source"], source.as_str());
+    assert_eq!(s["pending"], db_pending);
+    assert_eq!(s["pending_is_estimate"], false);
+    let age = s["oldest_pending_age_seconds"].as_f64().unwrap();
     assert!(
         age >= 90.0 && age <= db_age,
         "status said {age}, the database {db_age} a moment later"
     );
-    assert_eq!(report["dlq_dead"], 3);
+    assert_eq!(s["dlq_dead"], env.dlq_count().await);
+    assert_eq!(s["dlq_dead"], 3);
+    assert_eq!(s["dlq_is_estimate"], false);
     assert_eq!(
-        report["dlq_by_reason"],
+        s["dlq_by_reason"],
         json!([
             {"reason": "invalid_payload", "events": 2},
             {"reason": "message_too_large", "events": 1},
         ])
     );
-    assert_eq!(report["last_publish_at"], "2026-01-02T03:04:09.001Z");
-    let relays = report["relays"].as_array().unwrap();
-    assert_eq!(relays.len(), 2, "{report}");
-    assert_eq!(relays[0]["relay_id"], "relay-a");
+    assert_eq!(s["leases"], json!({"partitions": partitions, "owned": 2}));
+    // Every relay registered in the database, whatever source label it uses.
+    assert_eq!(s["last_publish_at"], "2026-05-05T00:00:00Z");
+    let relays = s["relays"].as_array().unwrap();
+    let ids: Vec<&str> = relays
+        .iter()
+        .map(|r| r["relay_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["relay-a", "relay-b", "relay-c"], "{report}");
     assert_eq!(relays[0]["published_total"], 10);
     assert_eq!(relays[0]["last_publish_at"], "2026-01-02T03:04:05.678Z");
-    assert_eq!(relays[1]["relay_id"], "relay-b");
+    assert_eq!(relays[0]["leases"], 0);
+    assert_eq!(relays[1]["leases"], 2);
     assert_eq!(relays[1]["host"], "host-1");
+    assert_eq!(relays[2]["source"], "elsewhere");
     for r in relays {
         let hb = r["heartbeat_age_seconds"].as_f64().unwrap();
         assert!((4.0..30.0).contains(&hb), "heartbeat age {hb}");
     }
+
+    // A second source that cannot be read is reported with its error,
+    // without hiding the first; the exit status says something failed.
+    let mut two = env.process_env();
+    two.push((
+        "OUTBOX_RELAY_SOURCES".into(),
+        format!(
+            "[{{name=\"{source}\", url=\"{}\"}}, {{name=\"gone\", url=\"{}\"}}]",
+            env.db_url,
+            with_database(&env.db_url, "no_such_database_here")
+        ),
+    ));
+    let out = binary(&two).args(["status", "--json"]).output().unwrap();
+    assert!(!out.status.success());
+    let both: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(both["sources"][0]["pending"], 3, "{both}");
+    assert_eq!(both["sources"][1]["source"], "gone");
+    let error = both["sources"][1]["error"].as_str().unwrap();
+    assert!(
+        error.contains("\"no_such_database_here\" does not exist"),
+        "{error}"
+    );
 
     // The human table says the same.
     let out = binary(&env.process_env())
@@ -665,32 +817,42 @@ async fn status_json_matches_the_database() {
         .output()
         .unwrap();
     let table = stdout_of(&out);
-    let lines: Vec<&str> = table.lines().collect();
+    let lines: Vec<Vec<&str>> = table
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
     assert_eq!(
-        lines[0].split_whitespace().collect::<Vec<_>>(),
+        lines[0],
         [
             "SOURCE",
             "PENDING",
             "OLDEST_PENDING",
             "DLQ",
             "RELAYS",
+            "LEASES",
             "LAST_PUBLISH"
         ],
         "{table}"
     );
-    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    let row = &lines[1];
     assert_eq!(row[0], source, "{table}");
     assert_eq!(row[1], "3", "{table}");
     assert!(row[2].starts_with("1m3"), "{table}");
-    assert_eq!(row[3..], ["3", "2", "2026-01-02T03:04:09.001Z"], "{table}");
-    assert!(
-        lines
-            .iter()
-            .any(|l| l.split_whitespace().collect::<Vec<_>>() == ["invalid_payload", "2"]),
+    let leases = format!("2/{partitions}");
+    assert_eq!(
+        row[3..],
+        ["3", "3", leases.as_str(), "2026-05-05T00:00:00.000Z"],
         "{table}"
     );
-    assert!(lines.iter().any(|l| l.starts_with("relay-b ")), "{table}");
-    assert!(!table.contains("relay-c"), "{table}");
+    assert!(
+        lines.iter().any(|l| l[..] == ["invalid_payload", "2"]),
+        "{table}"
+    );
+    assert!(
+        lines.iter().any(|l| l.first() == Some(&"relay-b")
+            && l[1..5] == [source.as_str(), "host-1", "0.1.0", "2"]),
+        "{table}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -866,4 +1028,130 @@ async fn json_logs_carry_the_event_id_and_type_of_a_dead_lettered_event() {
     assert_eq!(entry["event_id"], id.as_str());
     assert_eq!(entry["event_type"], "auth.user.created");
     assert_eq!(entry["reason"], "missing_partition_key");
+}
+
+/// Metric names (with a histogram's `_bucket`/`_sum`/`_count` suffix
+/// removed) in a PromQL expression.
+fn metric_names(expr: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("outbox_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let name = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        names.push(name.to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[test]
+fn alerts_dashboard_and_docs_use_the_metrics_the_relay_exports() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let read = |p: &str| std::fs::read_to_string(root.join(p)).unwrap();
+    // Every metric name src/metrics.rs defines.
+    let exported: Vec<String> = read("src/metrics.rs")
+        .lines()
+        .filter(|l| l.starts_with("pub const ") && l.contains(": &str = \"outbox_"))
+        .map(|l| l.split('"').nth(1).unwrap().to_string())
+        .collect();
+    assert!(exported.len() >= 17, "{exported:?}");
+
+    let alerts = read("deploy/prometheus/alerts.yml");
+    let mut exprs: Vec<String> = alerts
+        .split("- alert:")
+        .skip(1)
+        .map(|rule| {
+            let from = rule.find("expr:").expect("rule without expr");
+            let to = rule.find("labels:").expect("rule without labels");
+            rule[from..to].to_string()
+        })
+        .collect();
+    let exprs_in_rules = exprs.len();
+    assert_eq!(exprs_in_rules, alerts.matches("- alert:").count());
+    let dashboard: Value = serde_json::from_str(&read("deploy/grafana/outbox-relay.json")).unwrap();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for t in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(t["expr"].as_str().unwrap().to_string());
+        }
+    }
+    let mut used = std::collections::BTreeSet::new();
+    for expr in &exprs {
+        for name in metric_names(expr) {
+            assert!(exported.contains(&name), "{name} is not exported: {expr}");
+            used.insert(name);
+        }
+    }
+    // The dashboard and the rules cover the metrics the issue fixed.
+    for name in [
+        "outbox_events_published_total",
+        "outbox_publish_failures_total",
+        "outbox_events_dead_lettered_total",
+        "outbox_pending_events",
+        "outbox_oldest_pending_age_seconds",
+        "outbox_dlq_events",
+        "outbox_publish_latency_seconds",
+        "outbox_batch_size",
+        "outbox_claim_duration_seconds",
+        "outbox_leases_owned",
+        "outbox_relay_info",
+        "outbox_kafka_producer_queue_messages",
+        "outbox_kafka_broker_rtt_seconds",
+    ] {
+        assert!(used.contains(name), "{name} is on no panel and in no rule");
+    }
+    // Every runbook link of a rule names a section of the runbook.
+    let runbook = read("docs/operations.md");
+    let anchors: Vec<String> = runbook
+        .lines()
+        .filter_map(|l| l.strip_prefix("## "))
+        .map(|h| {
+            h.to_lowercase()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == ' ' || *c == '-')
+                .map(|c| if c == ' ' { '-' } else { c })
+                .collect()
+        })
+        .collect();
+    let links: Vec<&str> = alerts
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook: docs/operations.md#"))
+        .collect();
+    assert_eq!(links.len(), exprs_in_rules, "every rule links the runbook");
+    for link in links {
+        assert!(
+            anchors.iter().any(|a| a == link),
+            "no section #{link} in {anchors:?}"
+        );
+    }
+    // Every exported metric is documented.
+    let docs = read("docs/metrics.md");
+    for name in &exported {
+        assert!(
+            docs.contains(&format!("`{name}`")),
+            "{name} missing from docs/metrics.md"
+        );
+    }
+}
+
+#[test]
+fn alert_rules_pass_their_unit_tests() {
+    // promtool comes with the prometheus package that scripts/deps.sh installs.
+    let out = Command::new("promtool")
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus"))
+        .args(["test", "rules", "alerts_test.yml"])
+        .output()
+        .expect("promtool (Debian package prometheus) is not installed: run scripts/deps.sh");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

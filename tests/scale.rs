@@ -373,3 +373,45 @@ async fn one_unreachable_source_does_not_stall_another() {
         .await;
     assert!(got.len() >= 23, "{} messages", got.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
+    let env = TestEnv::new().await;
+    sqlx::query("SELECT outbox_enable_notify()")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    // Poll only every 60 s: an event can only arrive sooner through NOTIFY.
+    let mut relay = env.spawn_process(&[
+        ("OUTBOX_RELAY_RELAY__LISTEN", "true"),
+        ("OUTBOX_RELAY_RELAY__IDLE_INTERVAL_MS", "60000"),
+    ]);
+    let consumer = env.consumer(&[env.topic("platform.auth.events")]);
+    // Let the relay take its leases and go idle.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            lease_owners(&env).await.1 == 0
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let id = env
+        .insert("auth.role.changed", example_payload("auth.role.changed"))
+        .await;
+    let got = read(&consumer, 1, Duration::from_secs(20)).await;
+    signal(&relay, Signal::SIGTERM);
+    assert!(relay.wait().unwrap().success());
+    assert_eq!(got.len(), 1, "woken by NOTIFY long before the 60 s poll");
+    assert_eq!(got[0].value["id"], id.as_str());
+
+    sqlx::query("SELECT outbox_disable_notify()")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    let triggers: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_notify'")
+            .fetch_one(&env.pool)
+            .await
+            .unwrap();
+    assert_eq!(triggers, 0);
+}

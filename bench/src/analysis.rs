@@ -127,7 +127,11 @@ pub fn timeline(trips: &[Trip], start_us: i64, step_ms: i64) -> Vec<Sample> {
         return Vec::new();
     }
     let step = step_ms * 1000;
-    let end = trips.iter().map(|t| t.append_us.max(t.commit_us)).max().unwrap_or(start_us);
+    let end = trips
+        .iter()
+        .map(|t| t.append_us.max(t.commit_us))
+        .max()
+        .unwrap_or(start_us);
     let n = ((end - start_us) / step + 2).max(1) as usize;
     let mut backlog = vec![0u64; n];
     let mut oldest = vec![i64::MAX; n];
@@ -191,11 +195,26 @@ mod tests {
             })
             .collect();
         let seen = vec![
-            Seen { seq: 10, append_ms: 12 },
-            Seen { seq: 11, append_ms: 14 },
-            Seen { seq: 11, append_ms: 15 },
-            Seen { seq: 13, append_ms: 20 },
-            Seen { seq: 99, append_ms: 20 },
+            Seen {
+                seq: 10,
+                append_ms: 12,
+            },
+            Seen {
+                seq: 11,
+                append_ms: 14,
+            },
+            Seen {
+                seq: 11,
+                append_ms: 15,
+            },
+            Seen {
+                seq: 13,
+                append_ms: 20,
+            },
+            Seen {
+                seq: 99,
+                append_ms: 20,
+            },
         ];
         let j = join(&commits, &seen);
         assert_eq!(j.trips.len(), 3);
@@ -208,8 +227,14 @@ mod tests {
     fn timeline_tracks_backlog_and_oldest_pending() {
         // Two events committed at 0 and 50 ms, appended at 250 and 120 ms.
         let trips = [
-            Trip { commit_us: 0, append_us: 250_000 },
-            Trip { commit_us: 50_000, append_us: 120_000 },
+            Trip {
+                commit_us: 0,
+                append_us: 250_000,
+            },
+            Trip {
+                commit_us: 50_000,
+                append_us: 120_000,
+            },
         ];
         let t = timeline(&trips, 0, 100);
         assert_eq!(t[0].backlog, 1);

@@ -50,25 +50,31 @@ where
     let map_err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing the chart: {e}");
     if log_y {
         let mut chart = builder
-            .build_cartesian_2d(0f64..x_max, (0.5f64..y_max * 1.5).log_scale())
+            .build_cartesian_2d(0f64..x_max, (1f64..y_max * 1.5).log_scale())
             .map_err(map_err)?;
         chart
             .configure_mesh()
             .x_desc("seconds since the phase started")
             .y_desc(y_label)
             .label_style(("sans-serif", 14))
+            .light_line_style(TRANSPARENT)
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(map_err)?;
         for (name, color, pts) in series {
             let c = *color;
             chart
                 .draw_series(LineSeries::new(
-                    pts.iter().filter(|p| p.1.is_finite()).map(|&(x, y)| (x, y.max(0.5))),
+                    pts.iter()
+                        .filter(|p| p.1.is_finite())
+                        .map(|&(x, y)| (x, y.max(1.0))),
                     c.stroke_width(2),
                 ))
                 .map_err(map_err)?
                 .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -86,6 +92,8 @@ where
             .x_desc("seconds since the phase started")
             .y_desc(y_label)
             .label_style(("sans-serif", 14))
+            .light_line_style(TRANSPARENT)
+            .y_label_formatter(&|v| format!("{v:.0}"))
             .draw()
             .map_err(map_err)?;
         for (name, color, pts) in series {
@@ -97,7 +105,9 @@ where
                 ))
                 .map_err(map_err)?
                 .label(*name)
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2))
+                });
         }
         chart
             .configure_series_labels()
@@ -133,7 +143,11 @@ pub fn draw(r: &Results, path: &Path) -> Result<()> {
         peers
             .iter()
             .filter_map(|(n, c, p)| {
-                let load = if steady { p.steady.as_ref() } else { p.max.as_ref() };
+                let load = if steady {
+                    p.steady.as_ref()
+                } else {
+                    p.max.as_ref()
+                };
                 load.map(|l| (*n, *c, pts(&l.timeline, f)))
             })
             .collect()
@@ -159,6 +173,7 @@ pub fn draw(r: &Results, path: &Path) -> Result<()> {
         &series(|s| s.oldest_pending_ms, false),
         true,
     )?;
-    root.present().map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
+    root.present()
+        .map_err(|e| anyhow!("writing {}: {e}", path.display()))?;
     Ok(())
 }

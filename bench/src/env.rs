@@ -118,12 +118,18 @@ impl BenchEnv {
         let mut v = vec![
             ("DATABASE_URL".to_string(), self.db_url.clone()),
             ("OUTBOX_RELAY_KAFKA__BROKERS".into(), self.brokers.clone()),
-            ("OUTBOX_RELAY_KAFKA__TOPIC_PREFIX".into(), self.relay_prefix.clone()),
+            (
+                "OUTBOX_RELAY_KAFKA__TOPIC_PREFIX".into(),
+                self.relay_prefix.clone(),
+            ),
             (
                 "OUTBOX_RELAY_CATALOG__PATHS".into(),
                 format!("[\"{}\"]", catalog_dir().display()),
             ),
-            ("OUTBOX_RELAY_RELAY__SOURCE".into(), format!("bench{}", &self.id[..6])),
+            (
+                "OUTBOX_RELAY_RELAY__SOURCE".into(),
+                format!("bench{}", &self.id[..6]),
+            ),
             ("OUTBOX_RELAY_HTTP__LISTEN".into(), String::new()),
             ("RUST_LOG".into(), "info".into()),
         ];
@@ -132,9 +138,10 @@ impl BenchEnv {
     }
 
     /// Environment of bench/peers/debezium/run.sh for this run.
-    pub fn debezium_env(&self, rest_port: u16) -> Result<Vec<(String, String)>> {
+    pub fn debezium_env(&self, rest_port: u16, log_dest: &std::path::Path) -> Result<Vec<(String, String)>> {
         let o = PgConnectOptions::from_str(&self.db_url)?;
         Ok(vec![
+            ("DBZ_LOG_DEST".into(), log_dest.display().to_string()),
             ("DBZ_NAME".into(), format!("bench_{}", self.id)),
             ("DBZ_DB_HOST".into(), o.get_host().to_string()),
             ("DBZ_DB_PORT".into(), o.get_port().to_string()),
@@ -154,9 +161,11 @@ impl BenchEnv {
     }
 
     pub async fn outbox_empty(&self) -> Result<bool> {
-        Ok(sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox)")
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox)")
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// Drops the replication slot (if Debezium left it), the database and

@@ -153,7 +153,10 @@ pub fn read_range(
     let mut last_progress = Instant::now();
     while !remaining.is_empty() {
         if last_progress.elapsed() > Duration::from_secs(30) {
-            bail!("reading back: no record for 30 s with {} partitions unfinished", remaining.len());
+            bail!(
+                "reading back: no record for 30 s with {} partitions unfinished",
+                remaining.len()
+            );
         }
         let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
             continue;
@@ -173,7 +176,9 @@ pub fn read_range(
         }
         let append_ms = match m.timestamp() {
             Timestamp::LogAppendTime(ms) => ms,
-            other => bail!("record timestamp is {other:?}, not LogAppendTime: topic created elsewhere?"),
+            other => {
+                bail!("record timestamp is {other:?}, not LogAppendTime: topic created elsewhere?")
+            }
         };
         let id = m.headers().and_then(|h| {
             h.iter()

@@ -32,7 +32,10 @@ use crate::report::{Drain, Idle, Integrity, Load, Peer, Results, Tax};
 use crate::workload::{write, Shape};
 
 #[derive(Parser)]
-#[command(name = "outbox-bench", about = "Benchmarks outbox-relay against Debezium's outbox event router")]
+#[command(
+    name = "outbox-bench",
+    about = "Benchmarks outbox-relay against Debezium's outbox event router"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -79,6 +82,9 @@ struct Opts {
     /// e.g. OUTBOX_RELAY_RELAY__BATCH_SIZE=5000.
     #[arg(long = "relay-env", value_parser = parse_kv)]
     relay_env: Vec<(String, String)>,
+    /// Use this relay binary instead of building target/release/outbox-relay.
+    #[arg(long)]
+    relay_bin: Option<PathBuf>,
     /// Record a `perf record -g` profile of the relay process in each mode.
     #[arg(long)]
     perf: bool,
@@ -130,7 +136,7 @@ impl Params {
             idle_events: 10,
             steady_rate: 5_000.0,
             steady_secs: 5.0,
-            steady_writers: 8,
+            steady_writers: 16,
             max_secs: 5.0,
             max_writers: 16,
             tax_secs: 3.0,
@@ -143,7 +149,7 @@ impl Params {
             idle_events: 30,
             steady_rate: 5_000.0,
             steady_secs: 30.0,
-            steady_writers: 8,
+            steady_writers: 16,
             max_secs: 20.0,
             max_writers: 16,
             tax_secs: 10.0,
@@ -154,7 +160,16 @@ impl Params {
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = o.$f { self.$f = v; } )* };
         }
-        set!(drain_events, idle_events, steady_rate, steady_secs, steady_writers, max_secs, max_writers, tax_secs);
+        set!(
+            drain_events,
+            idle_events,
+            steady_rate,
+            steady_secs,
+            steady_writers,
+            max_secs,
+            max_writers,
+            tax_secs
+        );
         self
     }
 }
@@ -167,7 +182,12 @@ fn main() -> Result<()> {
             ("smoke", o, p, false)
         }
         Command::Compare(o) => {
-            let p = if o.quick { Params::quick() } else { Params::full() }.with(&o);
+            let p = if o.quick {
+                Params::quick()
+            } else {
+                Params::full()
+            }
+            .with(&o);
             let dbz = !o.relay_only;
             (if o.quick { "quick" } else { "full" }, o, p, dbz)
         }
@@ -196,8 +216,13 @@ impl Ctx {
 
 async fn run(name: &str, opts: Opts, params: Params, with_dbz: bool) -> Result<()> {
     let started_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    eprintln!("[bench] building the release outbox-relay binary");
-    let bin = tokio::task::spawn_blocking(procs::build_relay).await??;
+    let bin = match &opts.relay_bin {
+        Some(b) => b.clone(),
+        None => {
+            eprintln!("[bench] building the release outbox-relay binary");
+            tokio::task::spawn_blocking(procs::build_relay).await??
+        }
+    };
     let env = BenchEnv::create(with_dbz).await?;
     let out = opts
         .out
@@ -245,13 +270,20 @@ async fn run(name: &str, opts: Opts, params: Params, with_dbz: bool) -> Result<(
     };
     results.targets = report::targets(&results);
     let md = report::markdown(&results);
-    std::fs::write(out.join("results.json"), serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
     std::fs::write(out.join("results.md"), &md)?;
     if let Err(e) = chart::draw(&results, &out.join("chart.png")) {
         eprintln!("warning: chart: {e:#}");
     }
     println!("{md}");
-    println!("Results: {}/results.{{md,json}}, chart: {}/chart.png", out.display(), out.display());
+    println!(
+        "Results: {}/results.{{md,json}}, chart: {}/chart.png",
+        out.display(),
+        out.display()
+    );
     let broken: Vec<&str> = results
         .targets
         .iter()
@@ -311,7 +343,12 @@ async fn writer_tax(ctx: &Ctx, with_dbz: bool) -> Result<Tax> {
         if shape == Shape::Debezium && !with_dbz {
             continue;
         }
-        eprintln!("[bench] writer tax: {} writers into {} for {} s", p.max_writers, shape.table(), p.tax_secs);
+        eprintln!(
+            "[bench] writer tax: {} writers into {} for {} s",
+            p.max_writers,
+            shape.table(),
+            p.tax_secs
+        );
         let r = write(
             &ctx.env.db_url,
             shape,
@@ -327,7 +364,9 @@ async fn writer_tax(ctx: &Ctx, with_dbz: bool) -> Result<Tax> {
         rates[i] = r.rate();
         ctx.env.truncate(shape.table()).await?;
     }
-    sqlx::query("VACUUM ANALYZE outbox").execute(&ctx.env.pool).await?;
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&ctx.env.pool)
+        .await?;
     Ok(Tax {
         writers: p.max_writers,
         seconds: p.tax_secs,
@@ -350,7 +389,11 @@ fn check_errors(r: &workload::WriteReport, what: &str) -> Result<()> {
 }
 
 /// Polls end offsets until they sum to `target`; returns when that was seen.
-async fn wait_appended(wm: &Arc<Watermarks>, target: i64, timeout: Duration) -> Result<(Instant, Offsets)> {
+async fn wait_appended(
+    wm: &Arc<Watermarks>,
+    target: i64,
+    timeout: Duration,
+) -> Result<(Instant, Offsets)> {
     let deadline = Instant::now() + timeout;
     loop {
         let w = wm.clone();
@@ -384,8 +427,10 @@ async fn read_back(
         prefix.to_string(),
         id_header.to_string(),
     );
-    tokio::task::spawn_blocking(move || kafka::read_range(&brokers, &from, &to, &mix, &prefix, &header))
-        .await?
+    tokio::task::spawn_blocking(move || {
+        kafka::read_range(&brokers, &from, &to, &mix, &prefix, &header)
+    })
+    .await?
 }
 
 /// Which peer a phase drives, and how.
@@ -426,7 +471,12 @@ struct RelayRun {
 impl RelayRun {
     fn start(ctx: &Ctx, mode: &str, wait: bool) -> Result<Self> {
         let env = ctx.env.relay_env(&ctx.opts.relay_env);
-        let proc = RelayProcess::spawn(&ctx.bin, &env, &ctx.out.join(format!("relay-{mode}.log")), wait)?;
+        let proc = RelayProcess::spawn(
+            &ctx.bin,
+            &env,
+            &ctx.out.join(format!("relay-{mode}.log")),
+            wait,
+        )?;
         let perf = if ctx.opts.perf {
             Some(
                 std::process::Command::new("perf")
@@ -476,11 +526,22 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         let n = ctx.params.drain_events;
         eprintln!("[bench] relay drain: preloading {n} events");
         let before = wm.read()?;
-        workload::preload(&ctx.env.db_url, Shape::Relay, ctx.env.mix.clone(), ctx.seq.clone(), n, 1000).await?;
-        sqlx::query("VACUUM ANALYZE outbox").execute(&ctx.env.pool).await?;
+        workload::preload(
+            &ctx.env.db_url,
+            Shape::Relay,
+            ctx.env.mix.clone(),
+            ctx.seq.clone(),
+            n,
+            1000,
+        )
+        .await?;
+        sqlx::query("VACUUM ANALYZE outbox")
+            .execute(&ctx.env.pool)
+            .await?;
         let run = RelayRun::start(ctx, "drain", false)?;
         let t0 = run.proc.started;
-        let (acked_at, after) = wait_appended(&wm, before.total() + n as i64, Duration::from_secs(600)).await?;
+        let (acked_at, after) =
+            wait_appended(&wm, before.total() + n as i64, Duration::from_secs(600)).await?;
         while !ctx.env.outbox_empty().await? {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -497,6 +558,7 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
             events_per_s: n as f64 / secs,
             rss_mib: rss,
             integrity,
+            batch_timings: procs::batch_timings(&ctx.out.join("relay-drain.log")),
         });
     }
     for mode in ["idle", "steady", "max"] {
@@ -508,6 +570,7 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let result = load_phase(ctx, &Driver::Relay, &wm, &prefix, mode).await;
         let rss = run.stop()?;
+        let timings = procs::batch_timings(&ctx.out.join(format!("relay-{mode}.log")));
         match (mode, result?) {
             ("idle", Phase::Idle(mut x)) => {
                 x.rss_mib = rss;
@@ -515,10 +578,12 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
             }
             ("steady", Phase::Load(mut x)) => {
                 x.rss_mib = rss;
+                x.batch_timings = timings;
                 peer.steady = Some(x);
             }
             (_, Phase::Load(mut x)) => {
                 x.rss_mib = rss;
+                x.batch_timings = timings;
                 peer.max = Some(x);
             }
             _ => unreachable!(),
@@ -551,7 +616,13 @@ enum Phase {
 
 /// Idle, steady or max against a running peer: write, wait until Kafka
 /// holds everything, read it back, join with the commits.
-async fn load_phase(ctx: &Ctx, d: &Driver<'_>, wm: &Arc<Watermarks>, prefix: &str, mode: &str) -> Result<Phase> {
+async fn load_phase(
+    ctx: &Ctx,
+    d: &Driver<'_>,
+    wm: &Arc<Watermarks>,
+    prefix: &str,
+    mode: &str,
+) -> Result<Phase> {
     let p = &ctx.params;
     let (writers, rate, secs) = match mode {
         // One event at a time, ~4 per second: each finds the peer idle.
@@ -637,6 +708,7 @@ async fn load_phase(ctx: &Ctx, d: &Driver<'_>, wm: &Arc<Watermarks>, prefix: &st
         latency: lat,
         rss_mib: rss,
         integrity,
+        batch_timings: None,
         timeline: tl,
     }))
 }
@@ -649,9 +721,10 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
     )?);
     let prefix = ctx.env.dbz_prefix.clone();
     eprintln!("[bench] starting Kafka Connect + Debezium (jars fetched on first use)");
-    let envs = ctx.env.debezium_env(ctx.opts.connect_port)?;
-    let name = format!("bench_{}", ctx.env.id);
-    let mut dbz = tokio::task::block_in_place(|| Debezium::start(&name, envs, ctx.opts.connect_port))?;
+    let envs = ctx
+        .env
+        .debezium_env(ctx.opts.connect_port, &ctx.out.join("debezium-connect.log"))?;
+    let mut dbz = tokio::task::block_in_place(|| Debezium::start(envs, ctx.opts.connect_port))?;
     let d = Driver::Debezium(&dbz);
     let mut peer = Peer {
         name: "Debezium".into(),
@@ -676,11 +749,18 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         )
         .await?;
         check_errors(&w, "dbz_outbox")?;
-        wait_appended(&wm, before.total() + w.commits.len() as i64, Duration::from_secs(300))
-            .await
-            .context("Debezium warm-up: events did not reach Kafka")?;
+        wait_appended(
+            &wm,
+            before.total() + w.commits.len() as i64,
+            Duration::from_secs(300),
+        )
+        .await
+        .context("Debezium warm-up: events did not reach Kafka")?;
         ctx.env.truncate("dbz_outbox").await?;
-        eprintln!("[bench] Debezium warm-up: {} events delivered", w.commits.len());
+        eprintln!(
+            "[bench] Debezium warm-up: {} events delivered",
+            w.commits.len()
+        );
         for mode in ["idle", "steady", "max"] {
             if !ctx.mode(mode) {
                 continue;
@@ -700,11 +780,20 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
             dbz.wait_state("PAUSED", Duration::from_secs(60)).await?;
             eprintln!("[bench] Debezium drain: preloading {n} events (connector paused)");
             let before = wm.read()?;
-            workload::preload(&ctx.env.db_url, Shape::Debezium, ctx.env.mix.clone(), ctx.seq.clone(), n, 1000).await?;
+            workload::preload(
+                &ctx.env.db_url,
+                Shape::Debezium,
+                ctx.env.mix.clone(),
+                ctx.seq.clone(),
+                n,
+                1000,
+            )
+            .await?;
             dbz.rss.take_peak(dbz.pid);
             let t0 = Instant::now();
             dbz.connector("resume").await?;
-            let (acked_at, after) = wait_appended(&wm, before.total() + n as i64, Duration::from_secs(1800)).await?;
+            let (acked_at, after) =
+                wait_appended(&wm, before.total() + n as i64, Duration::from_secs(1800)).await?;
             let rss = dbz.rss.take_peak(dbz.pid);
             let secs = (acked_at - t0).as_secs_f64();
             eprintln!("[bench] Debezium drain: {n} events in {secs:.2} s");
@@ -716,6 +805,7 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
                 events_per_s: n as f64 / secs,
                 rss_mib: rss,
                 integrity: drain_integrity(n, &rb),
+                batch_timings: None,
             });
         }
         Ok(())

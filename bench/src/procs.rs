@@ -147,7 +147,9 @@ impl RelayProcess {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().with_context(|| format!("starting {}", bin.display()))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
         let rss = RssSampler::start(child.id());
         let stderr = child.stderr.take().expect("piped");
         let mut file = std::fs::File::create(log)?;
@@ -173,7 +175,10 @@ impl RelayProcess {
             bail!("the relay did not start within 60 s; see {}", log.display());
         }
         if let Some(status) = p.child.try_wait()? {
-            bail!("the relay exited at start ({status}); see {}", log.display());
+            bail!(
+                "the relay exited at start ({status}); see {}",
+                log.display()
+            );
         }
         Ok(p)
     }
@@ -216,7 +221,6 @@ impl Drop for RelayProcess {
 /// Kafka Connect standalone with the Debezium connector, driven through
 /// bench/peers/debezium/run.sh and the worker's REST API.
 pub struct Debezium {
-    pub name: String,
     pub env: Vec<(String, String)>,
     pub rest_port: u16,
     pub pid: u32,
@@ -233,7 +237,7 @@ fn run_sh() -> PathBuf {
 impl Debezium {
     /// Fetches the jars (cached) and starts the worker; returns when the
     /// connector and its task report RUNNING.
-    pub fn start(name: &str, env: Vec<(String, String)>, rest_port: u16) -> Result<Self> {
+    pub fn start(env: Vec<(String, String)>, rest_port: u16) -> Result<Self> {
         let out = Command::new("bash")
             .arg(run_sh())
             .arg("start")
@@ -249,7 +253,6 @@ impl Debezium {
             .parse()
             .context("run.sh start prints the worker's pid")?;
         Ok(Debezium {
-            name: name.into(),
             env,
             rest_port,
             pid,
@@ -292,9 +295,13 @@ impl Debezium {
     pub async fn wait_state(&self, state: &str, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            let (_, body) = http(self.rest_port, "GET", &format!("/connectors/{CONNECTOR}/status"))
-                .await
-                .unwrap_or((0, String::new()));
+            let (_, body) = http(
+                self.rest_port,
+                "GET",
+                &format!("/connectors/{CONNECTOR}/status"),
+            )
+            .await
+            .unwrap_or((0, String::new()));
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body) {
                 let tasks = v["tasks"].as_array().cloned().unwrap_or_default();
                 if v["connector"]["state"] == state
@@ -335,6 +342,55 @@ pub async fn http(port: u16, method: &str, path: &str) -> Result<(u16, String)> 
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((code, body))
+}
+
+/// Per-batch stage timings the relay logs at trace level ("batch timings",
+/// enabled with `--relay-env RUST_LOG=info,outbox_relay::relay=trace`),
+/// averaged over a mode.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BatchTimings {
+    pub batches: u64,
+    pub mean_rows: f64,
+    /// Mean µs per batch of each stage, in the order the relay runs them.
+    pub stages_us: Vec<(String, f64)>,
+}
+
+pub fn batch_timings(log: &Path) -> Option<BatchTimings> {
+    let text = std::fs::read_to_string(log).ok()?;
+    let mut t = BatchTimings::default();
+    let mut rows = 0u64;
+    let mut sums: Vec<(String, f64)> = Vec::new();
+    for line in text.lines().filter(|l| l.contains("batch timings")) {
+        t.batches += 1;
+        for field in line.split_whitespace() {
+            let Some((k, v)) = field.split_once('=') else {
+                continue;
+            };
+            let Ok(v) = v.trim_matches(|c: char| !c.is_ascii_digit()).parse::<u64>() else {
+                continue;
+            };
+            if k == "rows" {
+                rows += v;
+            } else if let Some(stage) = k.strip_suffix("_us") {
+                match sums.iter_mut().find(|(s, _)| s == stage) {
+                    Some((_, sum)) => *sum += v as f64,
+                    None => sums.push((stage.to_string(), v as f64)),
+                }
+            }
+        }
+    }
+    if t.batches == 0 {
+        return None;
+    }
+    t.mean_rows = rows as f64 / t.batches as f64;
+    t.stages_us = sums
+        .into_iter()
+        .map(|(s, sum)| (s, sum / t.batches as f64))
+        .collect();
+    Some(t)
 }

@@ -129,8 +129,18 @@ fn id24(prefix: &str, n: u64) -> String {
 
 fn text(rng: &mut Rng, len: usize) -> String {
     const WORDS: &[&str] = &[
-        "Mozilla/5.0", "(X11;", "Linux", "x86_64)", "AppleWebKit/537.36", "(KHTML,",
-        "like", "Gecko)", "Chrome/126.0", "Safari/537.36", "Edg/126.0", "Mobile",
+        "Mozilla/5.0",
+        "(X11;",
+        "Linux",
+        "x86_64)",
+        "AppleWebKit/537.36",
+        "(KHTML,",
+        "like",
+        "Gecko)",
+        "Chrome/126.0",
+        "Safari/537.36",
+        "Edg/126.0",
+        "Mobile",
     ];
     let mut s = String::with_capacity(len + 16);
     while s.len() < len {
@@ -199,7 +209,8 @@ impl Mix {
                        "tenantId": tenant, "roles": roles})
             }
             "auth.user.logged_in" => {
-                let ua = text(&mut rng, rng.range(40, 400) as usize);
+                let len = rng.range(40, 400) as usize;
+                let ua = text(&mut rng, len);
                 json!({"userId": user, "tenantId": tenant,
                        "ip": format!("203.0.{}.{}", rng.below(256), rng.below(256)), "userAgent": ua})
             }
@@ -341,9 +352,6 @@ pub struct WriteReport {
     pub elapsed: Duration,
     pub errors: u64,
     pub first_error: Option<String>,
-    /// First and one-past-last sequence number handed out.
-    pub seq_from: u64,
-    pub seq_to: u64,
 }
 
 impl WriteReport {
@@ -472,10 +480,7 @@ pub async fn write(
             (commits, errors, first_error)
         }));
     }
-    let mut report = WriteReport {
-        seq_from,
-        ..Default::default()
-    };
+    let mut report = WriteReport::default();
     for t in tasks {
         let (c, e, fe) = t.await?;
         report.commits.extend(c);
@@ -485,8 +490,6 @@ pub async fn write(
         }
     }
     report.elapsed = start.elapsed();
-    // Each writer took one number past its last event; those were never used.
-    report.seq_to = seq.load(Ordering::SeqCst);
     report.commits.sort_by_key(|c| c.seq);
     Ok(report)
 }
@@ -537,12 +540,13 @@ pub async fn preload(
                         }
                     }
                 }
+                let relay_sql = format!(
+                    "INSERT INTO {} (event_id, event_type, tenant_id, payload) \
+                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]::jsonb[])",
+                    shape.table()
+                );
                 let q = match shape {
-                    Shape::Relay | Shape::Plain => sqlx::query(&format!(
-                        "INSERT INTO {} (event_id, event_type, tenant_id, payload) \
-                         SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]::jsonb[])",
-                        shape.table()
-                    ))
+                    Shape::Relay | Shape::Plain => sqlx::query(&relay_sql)
                     .bind(ids)
                     .bind(a)
                     .bind(b)
@@ -575,7 +579,8 @@ mod tests {
     use super::*;
 
     fn mix() -> Mix {
-        let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/catalog"));
+        let dir =
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/catalog"));
         Mix::new(&Catalog::load(&[dir]).unwrap()).unwrap()
     }
 
@@ -595,7 +600,8 @@ mod tests {
     #[test]
     fn events_are_deterministic_valid_and_cover_every_type() {
         let m = mix();
-        let dir = std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/catalog"));
+        let dir =
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../config/catalog"));
         let catalog = Catalog::load(&[dir]).unwrap();
         let mut seen = vec![0u32; m.types.len()];
         let mut sizes = Vec::new();

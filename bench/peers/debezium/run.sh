@@ -4,7 +4,8 @@
 #   run.sh fetch    fetch Connect + Debezium jars from Maven Central (cached)
 #   run.sh props    print the generated worker and connector properties
 #   run.sh start    start the worker; prints its pid once the connector runs
-#   run.sh stop     stop the worker (SIGTERM, then SIGKILL after 30 s)
+#   run.sh stop     stop the worker (SIGTERM, then SIGKILL after 30 s) and
+#                   remove its state (the log is kept in DBZ_LOG_DEST if set)
 # Settings come from the environment (the harness sets them per run):
 #   DBZ_NAME (required)         run name: state dir, slot and publication names
 #   DBZ_DB_NAME (required)      database holding the dbz_outbox table
@@ -162,10 +163,17 @@ start() {
   echo "$pid"
 }
 
+remove_state() {
+  if [[ -n "${DBZ_LOG_DEST:-}" && -f "$STATE/connect.log" ]]; then
+    cp "$STATE/connect.log" "$DBZ_LOG_DEST" || true
+  fi
+  rm -rf "$STATE"
+}
+
 stop() {
   settings
   if ! worker_running; then
-    rm -f "$PID_FILE"
+    remove_state
     return 0
   fi
   local pid deadline=$((SECONDS + 30))
@@ -179,7 +187,7 @@ stop() {
     fi
     sleep 0.1
   done
-  rm -f "$PID_FILE"
+  remove_state
 }
 
 case "${1:-}" in
