@@ -23,6 +23,24 @@ LANGUAGE sql VOLATILE PARALLEL SAFE AS $$
          generate_series(0, 25) AS i
 $$;
 
+-- Virtual partitions: every row is assigned one from its partition key, so
+-- that several relays can share the outbox without reordering a key (see
+-- docs/scaling.md). The count is fixed at install: changing it would move
+-- keys between partitions while rows are pending. `outbox-relay migrate`
+-- passes `leases.vpartitions` through the `outbox.vpartitions` setting.
+CREATE TABLE outbox_config (
+    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    vpartitions integer NOT NULL CHECK (vpartitions BETWEEN 1 AND 4096)
+);
+INSERT INTO outbox_config (vpartitions)
+VALUES (coalesce(nullif(current_setting('outbox.vpartitions', true), '')::integer, 256));
+
+-- Stable within a PostgreSQL major version; only pending rows depend on it.
+CREATE FUNCTION outbox_vpartition(p_key text, p_count integer) RETURNS smallint
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT ((hashtextextended(coalesce(p_key, ''), 0) & 9223372036854775807) % p_count)::smallint
+$$;
+
 CREATE TABLE outbox (
     -- Ordering id: the relay publishes in this order. GENERATED ALWAYS so that
     -- no writer can jump the queue.
@@ -42,6 +60,8 @@ CREATE TABLE outbox (
     attempts        integer     NOT NULL DEFAULT 0,
     last_error      text,
     first_failed_at timestamptz,
+    -- Set at insert by the publisher trigger from the catalog's key field.
+    vpartition      smallint    NOT NULL DEFAULT 0,
     CONSTRAINT outbox_event_id_key UNIQUE (event_id),
     CONSTRAINT outbox_event_id_format CHECK (event_id ~ '^[0-9a-hjkmnp-tv-z]{26}$'),
     CONSTRAINT outbox_event_type_format CHECK (event_type ~ '^[a-z][a-z0-9_]*(\.[a-z][a-z0-9_]*)+$')
@@ -72,6 +92,7 @@ CREATE TABLE outbox_dlq (
     headers          jsonb,
     occurred_at      timestamptz NOT NULL,
     publisher        text,
+    vpartition       smallint,
     -- Why it is here.
     reason           text        NOT NULL,
     last_error       text        NOT NULL,

@@ -13,6 +13,9 @@ CREATE TABLE outbox_catalog (
     topic          text        NOT NULL,
     schema_version text        NOT NULL,
     partition_key  text        NOT NULL,
+    -- outbox_config.vpartitions, copied here so that the insert trigger
+    -- needs a single lookup.
+    vpartitions    integer     NOT NULL,
     synced_at      timestamptz NOT NULL DEFAULT now()
 );
 
@@ -47,15 +50,18 @@ BEGIN
 CREATE FUNCTION outbox_stamp_publisher() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    expected text;
-    actual   text;
+    expected  text;
+    actual    text;
+    key_field text;
+    n         integer;
 BEGIN
-    SELECT c.publisher, r.publisher INTO expected, actual
+    SELECT c.publisher, r.publisher, c.partition_key, c.vpartitions INTO expected, actual, key_field, n
       FROM @schema@.outbox_catalog c
       LEFT JOIN @schema@.outbox_publisher_roles r ON r.role_name = current_user
      WHERE c.event_type = NEW.event_type;
     IF actual = expected THEN
         NEW.publisher := actual;
+        NEW.vpartition := @schema@.outbox_vpartition(NEW.payload ->> key_field, n);
         RETURN NEW;
     END IF;
     IF expected IS NULL THEN
@@ -72,6 +78,7 @@ BEGIN
            OR pg_has_role(current_user,
                           (SELECT relowner FROM pg_catalog.pg_class WHERE oid = TG_RELID), 'USAGE') THEN
             NEW.publisher := coalesce(NEW.publisher, expected);
+            NEW.vpartition := @schema@.outbox_vpartition(NEW.payload ->> key_field, n);
             RETURN NEW;
         END IF;
         RAISE EXCEPTION '403 Forbidden: role % has no publisher mapping and may not publish %',
@@ -163,7 +170,9 @@ END
 $$;
 
 REVOKE ALL ON outbox, outbox_dlq, processed_event_ids, outbox_catalog, outbox_publisher_roles,
-              consumer_parked_events FROM PUBLIC;
+              consumer_parked_events, outbox_config FROM PUBLIC;
+-- The lease task reads the partition count; catalog sync copies it.
+GRANT SELECT ON outbox_config TO outbox_relay, outbox_admin;
 REVOKE ALL ON FUNCTION outbox_map_publisher(name, text) FROM PUBLIC;
 
 -- Writer: insert events, nothing else. No SELECT, UPDATE or DELETE on any

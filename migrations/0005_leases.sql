@@ -2,35 +2,9 @@
 -- two of them ever publishing the same partition at once.
 --
 -- Every row carries a virtual partition computed at insert from its
--- partition key (the catalog's key field), so plain-SQL writers need not
--- compute it. A relay publishes only the partitions it holds a lease on;
+-- partition key (0001, 0002). A relay publishes only the partitions it holds a lease on;
 -- each lease has an epoch that grows on every change of owner, and the relay
 -- presents it when it settles a batch (fencing).
-
-CREATE TABLE outbox_config (
-    singleton   boolean PRIMARY KEY DEFAULT true CHECK (singleton),
-    -- Fixed at install: changing it would move keys between partitions
-    -- while rows are pending. See docs/scaling.md before choosing.
-    vpartitions integer NOT NULL CHECK (vpartitions BETWEEN 1 AND 4096)
-);
-INSERT INTO outbox_config (vpartitions)
-VALUES (coalesce(nullif(current_setting('outbox.vpartitions', true), '')::integer, 256));
-
--- Stable within a PostgreSQL major version; only pending rows depend on it.
-CREATE FUNCTION outbox_vpartition(p_key text, p_count integer) RETURNS smallint
-LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
-    SELECT ((hashtextextended(coalesce(p_key, ''), 0) & 9223372036854775807) % p_count)::smallint
-$$;
-
-ALTER TABLE outbox ADD COLUMN vpartition smallint NOT NULL DEFAULT 0;
-ALTER TABLE outbox_dlq ADD COLUMN vpartition smallint;
--- The partition count travels with the catalog mirror so that the insert
--- trigger needs one lookup for publisher, key field and count.
-ALTER TABLE outbox_catalog ADD COLUMN vpartitions integer NOT NULL
-    DEFAULT 256;
-UPDATE outbox_catalog SET vpartitions = (SELECT vpartitions FROM outbox_config);
-ALTER TABLE outbox_catalog ALTER COLUMN vpartitions
-    SET DEFAULT 256;
 
 CREATE TABLE outbox_leases (
     vpartition  smallint PRIMARY KEY,
@@ -109,27 +83,6 @@ SELECT coalesce(owner, '(none)') AS owner,
   FROM outbox_leases
  GROUP BY 1;
 
-REVOKE ALL ON outbox_config, outbox_leases, outbox_lease_summary FROM PUBLIC;
-GRANT SELECT ON outbox_config TO outbox_writer, outbox_relay, outbox_admin;
+REVOKE ALL ON outbox_leases, outbox_lease_summary FROM PUBLIC;
 GRANT SELECT, UPDATE ON outbox_leases TO outbox_relay;
 GRANT SELECT ON outbox_leases, outbox_lease_summary TO outbox_admin;
-
-CREATE FUNCTION outbox_assign_vpartition() RETURNS trigger
-LANGUAGE plpgsql AS $$
-DECLARE
-    key_field text;
-    n         integer;
-BEGIN
-    SELECT c.partition_key, c.vpartitions INTO key_field, n
-      FROM outbox_catalog c WHERE c.event_type = NEW.event_type;
-    -- An unknown type is refused by outbox_stamp_publisher, which runs next.
-    IF FOUND THEN
-        NEW.vpartition := outbox_vpartition(NEW.payload ->> key_field, n);
-    END IF;
-    RETURN NEW;
-END
-$$;
-
-CREATE TRIGGER outbox_assign_vpartition
-    BEFORE INSERT ON outbox
-    FOR EACH ROW EXECUTE FUNCTION outbox_assign_vpartition();

@@ -54,8 +54,8 @@ for f in migrations/*.sql; do
 done
 # What `outbox-relay catalog sync` writes for the event used here.
 on_db >/dev/null <<SQL
-INSERT INTO outbox_catalog (event_type, publisher, topic, schema_version, partition_key)
-VALUES ('money.wallet.credited', 'money', 'platform.money.events', '1.0.0', 'userId');
+INSERT INTO outbox_catalog (event_type, publisher, topic, schema_version, partition_key, vpartitions)
+VALUES ('money.wallet.credited', 'money', 'platform.money.events', '1.0.0', 'userId', 256);
 CREATE ROLE $role LOGIN IN ROLE outbox_writer;
 SELECT FROM outbox_map_publisher('$role', 'money');
 SQL

@@ -520,19 +520,22 @@ fn example_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
         .get_or_init(|| {
+            // target/<profile>/deps/<test> → target/<profile>/examples/consumer
+            let exe = std::env::current_exe().unwrap();
+            let profile_dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
             let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let status = Command::new(cargo)
+            let mut build = Command::new(cargo);
+            build
                 .args(["build", "--quiet", "--example", "consumer"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
+                .current_dir(env!("CARGO_MANIFEST_DIR"));
+            if profile_dir.file_name().is_some_and(|n| n == "release") {
+                build.arg("--release");
+            }
+            let status = build
                 .status()
                 .expect("running cargo build --example consumer");
             assert!(status.success(), "building the example consumer failed");
-            let exe = std::env::current_exe().unwrap();
-            // target/<profile>/deps/<test> → target/<profile>/examples/consumer
-            exe.parent()
-                .and_then(|deps| deps.parent())
-                .unwrap()
-                .join("examples/consumer")
+            profile_dir.join("examples/consumer")
         })
         .clone()
 }

@@ -404,6 +404,20 @@ async fn each_permanent_failure_is_dead_lettered_intact_with_reason_message_and_
         )
         .await;
     assert_eq!(ids(&got), vec![first, last]);
+
+    // A type still missing from the catalog cannot be replayed: the
+    // publisher trigger refuses it and the whole replay changes nothing.
+    let err = sqlx::query("SELECT outbox_dlq_replay(p_reason => 'unknown_event_type')")
+        .execute(&env.pool)
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("unknown event type money.wallet.refunded: not in the event catalog"),
+        "{err}"
+    );
+    assert_eq!(dlq(&env).await[&unknown].state, "dead");
+    assert_eq!(env.outbox_count().await, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,11 +4,13 @@
 //!
 //! They stop and start services, so they run on their own Postgres and Kafka
 //! (started here through scripts/services.sh with another state directory
-//! and other ports), never on the shared ones other test binaries use, and
-//! one at a time (cargo runs a binary's tests in parallel).
+//! and other ports, the ones of scripts/faults-env.sh), never on the shared
+//! ones other test binaries use, and one at a time (cargo runs a binary's
+//! tests in parallel). The services stay up afterwards for the next run;
+//! `bash scripts/faults-env.sh down` stops them.
 //!
-//! Each test prints one line of the fault table:
-//! `cargo test --test faults -- --nocapture --test-threads 1`
+//! Each test prints its row of the fault table (docs/delivery.md):
+//! `cargo test --test faults -- --nocapture`
 
 mod common;
 
@@ -28,6 +30,7 @@ use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
+// Keep in step with scripts/faults-env.sh.
 const STATE_DIR: &str = "/var/tmp/outbox-relay-faults";
 const PG_PORT: u16 = 55442;
 const KAFKA_PORT: u16 = 19102;
@@ -426,7 +429,7 @@ async fn postgres_restart_under_the_relay_loses_nothing() {
         .expect("the backlog drains");
 
     assert!(
-        relay.logged("database unavailable; retrying").len() >= 1,
+        !relay.logged("database unavailable; retrying").is_empty(),
         "{}",
         relay.log_text()
     );

@@ -415,3 +415,30 @@ async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
             .unwrap();
     assert_eq!(triggers, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_get_the_virtual_partition_of_their_key_at_insert() {
+    let env = TestEnv::new().await;
+    write(&env, 0, 1000, 100).await;
+    let (distinct, mismatched): (i64, i64) = sqlx::query_as(
+        "SELECT count(DISTINCT vpartition), \
+                count(*) FILTER (WHERE vpartition <> outbox_vpartition(payload ->> 'notificationId', 256)) \
+           FROM outbox",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert!(
+        distinct > 50,
+        "100 keys spread over the 256 partitions: {distinct}"
+    );
+    assert_eq!(mismatched, 0, "computed from the catalog's key field");
+    let per_key: i64 = sqlx::query_scalar(
+        "SELECT max(n) FROM (SELECT count(DISTINCT vpartition) AS n FROM outbox \
+          GROUP BY payload ->> 'notificationId') s",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(per_key, 1, "one key, one partition");
+}

@@ -10,6 +10,7 @@
 
 mod analysis;
 mod chart;
+mod cpu;
 mod env;
 mod kafka;
 mod procs;
@@ -538,6 +539,7 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         sqlx::query("VACUUM ANALYZE outbox")
             .execute(&ctx.env.pool)
             .await?;
+        let monitor = cpu::CpuMonitor::start(&ctx.env.db_name);
         let run = RelayRun::start(ctx, "drain", false)?;
         let t0 = run.proc.started;
         let (acked_at, after) =
@@ -546,6 +548,7 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let deleted_at = Instant::now();
+        let cpu = monitor.finish();
         let rss = run.stop()?;
         let rb = read_back(ctx, &before, &after, &prefix, "ce_id").await?;
         let integrity = drain_integrity(n, &rb);
@@ -559,6 +562,7 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
             rss_mib: rss,
             integrity,
             batch_timings: procs::batch_timings(&ctx.out.join("relay-drain.log")),
+            cpu,
         });
     }
     for mode in ["idle", "steady", "max"] {
@@ -639,6 +643,7 @@ async fn load_phase(
         dbz.rss.take_peak(dbz.pid);
     }
     let before = tokio::task::block_in_place(|| wm.read())?;
+    let monitor = cpu::CpuMonitor::start(&ctx.env.db_name);
     let started_us = chrono::Utc::now().timestamp_micros();
     let w = write(
         &ctx.env.db_url,
@@ -654,6 +659,7 @@ async fn load_phase(
     check_errors(&w, d.shape().table())?;
     let n = w.commits.len() as i64;
     let (_, after) = wait_appended(wm, before.total() + n, Duration::from_secs(600)).await?;
+    let cpu = monitor.finish();
     let rss = match d {
         Driver::Debezium(dbz) => dbz.rss.take_peak(dbz.pid),
         Driver::Relay => 0.0,
@@ -709,6 +715,7 @@ async fn load_phase(
         rss_mib: rss,
         integrity,
         batch_timings: None,
+        cpu,
         timeline: tl,
     }))
 }
@@ -790,10 +797,12 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
             )
             .await?;
             dbz.rss.take_peak(dbz.pid);
+            let monitor = cpu::CpuMonitor::start(&ctx.env.db_name);
             let t0 = Instant::now();
             dbz.connector("resume").await?;
             let (acked_at, after) =
                 wait_appended(&wm, before.total() + n as i64, Duration::from_secs(1800)).await?;
+            let cpu = monitor.finish();
             let rss = dbz.rss.take_peak(dbz.pid);
             let secs = (acked_at - t0).as_secs_f64();
             eprintln!("[bench] Debezium drain: {n} events in {secs:.2} s");
@@ -806,6 +815,7 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
                 rss_mib: rss,
                 integrity: drain_integrity(n, &rb),
                 batch_timings: None,
+                cpu,
             });
         }
         Ok(())

@@ -31,6 +31,7 @@ pub struct Drain {
     pub integrity: Integrity,
     /// Relay only, when its trace-level batch timings were logged.
     pub batch_timings: Option<crate::procs::BatchTimings>,
+    pub cpu: crate::cpu::CpuSplit,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -56,6 +57,7 @@ pub struct Load {
     pub rss_mib: f64,
     pub integrity: Integrity,
     pub batch_timings: Option<crate::procs::BatchTimings>,
+    pub cpu: crate::cpu::CpuSplit,
     pub timeline: Vec<Sample>,
 }
 
@@ -328,6 +330,50 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     s.push_str(&format!("\nDelivery check: {}.\n", integrity.join("; ")));
+    for p in std::iter::once(rl).chain(d) {
+        let splits = [
+            ("drain", p.drain.as_ref().map(|x| &x.cpu)),
+            ("steady", p.steady.as_ref().map(|x| &x.cpu)),
+            ("max", p.max.as_ref().map(|x| &x.cpu)),
+        ];
+        for (mode, c) in splits {
+            if let Some(c) = c {
+                let parts: Vec<String> = c
+                    .cpu_s
+                    .iter()
+                    .filter(|(_, s)| *s >= 0.05)
+                    .map(|(n, s)| format!("{n} {s:.1}"))
+                    .collect();
+                s.push_str(&format!(
+                    "\nCPU, {} {mode} ({:.1} s wall, machine {:.0} % busy), CPU-seconds: {}.\n",
+                    p.name,
+                    c.wall_s,
+                    c.machine_busy_pct,
+                    parts.join(", ")
+                ));
+            }
+        }
+    }
+    let timings = [
+        ("drain", rl.drain.as_ref().and_then(|x| x.batch_timings.as_ref())),
+        ("steady", rl.steady.as_ref().and_then(|x| x.batch_timings.as_ref())),
+        ("max", rl.max.as_ref().and_then(|x| x.batch_timings.as_ref())),
+    ];
+    for (mode, t) in timings {
+        if let Some(t) = t {
+            let stages: Vec<String> = t
+                .stages_us
+                .iter()
+                .map(|(s, us)| format!("{s} {:.2} ms", us / 1000.0))
+                .collect();
+            s.push_str(&format!(
+                "\nRelay batch timings, {mode}: {} batches of {:.0} rows on average; per batch {}.\n",
+                t.batches,
+                t.mean_rows,
+                stages.join(", ")
+            ));
+        }
+    }
     if !r.targets.is_empty() {
         s.push_str("\n| target | goal | measured | met |\n|---|---|---|---|\n");
         for t in &r.targets {
