@@ -140,7 +140,7 @@ CREATE FUNCTION outbox_dlq_list(
     dead_lettered_at timestamptz, state text, replay_count integer, outbox_id bigint,
     dead_for interval
 )
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE sql STABLE SECURITY DEFINER AS $$
     SELECT d.event_id, d.event_type, d.tenant_id, d.reason, d.last_error,
            d.attempts, d.occurred_at, d.first_failed_at,
            d.dead_lettered_at, d.state, d.replay_count, d.outbox_id,
@@ -155,6 +155,27 @@ LANGUAGE sql STABLE SECURITY DEFINER SET search_path FROM CURRENT AS $$
      ORDER BY d.dead_lettered_at, d.outbox_id
      LIMIT p_limit
 $$;
+
+-- SECURITY DEFINER functions must never resolve a table name to a caller's
+-- temporary table (a temp `outbox_dlq` would let an admin replay forged
+-- events under the owner's rights): their search_path is pinned to
+-- pg_catalog, this schema, and pg_temp last. Called after every migration
+-- that adds such a function.
+CREATE FUNCTION outbox_pin_search_path() RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN
+        SELECT p.oid::regprocedure FROM pg_proc p
+         WHERE p.prosecdef AND p.pronamespace = current_schema()::regnamespace
+           AND p.proname LIKE 'outbox%'
+    LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, %I, pg_temp', f, current_schema());
+    END LOOP;
+END
+$$;
+REVOKE ALL ON FUNCTION outbox_pin_search_path() FROM PUBLIC;
 
 -- The admin functions run with the outbox owner's rights (SECURITY DEFINER)
 -- so that the admin role needs EXECUTE only: it cannot write the outbox or
@@ -174,7 +195,7 @@ CREATE FUNCTION outbox_dlq_replay(
     p_to timestamptz DEFAULT NULL,
     p_event_id text DEFAULT NULL
 ) RETURNS SETOF text
-LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE sql SECURITY DEFINER AS $$
     WITH candidates AS (
         SELECT d.event_id
           FROM outbox_dlq d
@@ -208,7 +229,7 @@ $$;
 
 -- Replays one event by id; true when it went back into the outbox.
 CREATE FUNCTION outbox_dlq_replay_event(p_event_id text) RETURNS boolean
-LANGUAGE sql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE sql SECURITY DEFINER AS $$
     SELECT EXISTS (SELECT 1 FROM outbox_dlq_replay(p_event_id => p_event_id))
 $$;
 
@@ -222,7 +243,7 @@ CREATE FUNCTION outbox_dlq_discard(
     p_from timestamptz DEFAULT NULL,
     p_to timestamptz DEFAULT NULL
 ) RETURNS SETOF text
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
     IF p_why IS NULL OR btrim(p_why) = '' THEN
         RAISE EXCEPTION 'a discard needs a reason' USING ERRCODE = '22023';
@@ -262,3 +283,5 @@ GRANT EXECUTE ON FUNCTION outbox_dlq_replay(text, text, timestamptz, timestamptz
 GRANT EXECUTE ON FUNCTION outbox_dlq_replay_event(text) TO outbox_admin;
 GRANT EXECUTE ON FUNCTION outbox_dlq_discard(text, text, text, text, timestamptz, timestamptz) TO outbox_admin;
 GRANT SELECT ON outbox_dlq_summary TO outbox_admin;
+
+SELECT outbox_pin_search_path();

@@ -18,7 +18,7 @@ END
 $$;
 
 CREATE FUNCTION outbox_enable_notify() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'outbox_notify' AND tgrelid = 'outbox'::regclass) THEN
         CREATE TRIGGER outbox_notify AFTER INSERT ON outbox
@@ -28,7 +28,7 @@ END
 $$;
 
 CREATE FUNCTION outbox_disable_notify() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path FROM CURRENT AS $$
+LANGUAGE plpgsql SECURITY DEFINER AS $$
 BEGIN
     DROP TRIGGER IF EXISTS outbox_notify ON outbox;
 END
@@ -36,3 +36,5 @@ $$;
 
 REVOKE ALL ON FUNCTION outbox_enable_notify(), outbox_disable_notify() FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION outbox_enable_notify(), outbox_disable_notify() TO outbox_admin;
+
+SELECT outbox_pin_search_path();

@@ -608,3 +608,37 @@ async fn a_forged_row_that_bypassed_the_trigger_is_dead_lettered_as_forbidden_pu
     assert!(got.is_empty(), "nothing reached Kafka: {got:?}");
     env.drop_role(&relay).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_cannot_replay_forged_events_through_a_temporary_table() {
+    let env = TestEnv::new().await;
+    let admin = env.login_role("admin", &["outbox_admin"]).await;
+    // One connection: a temporary table lives in its session.
+    let mut conn = env.pool_as(&admin).await.acquire().await.unwrap().detach();
+    sqlx::query(
+        "CREATE TEMP TABLE outbox_dlq AS \
+         SELECT '01j9pa5mz70000000000000000'::text AS event_id, 1::bigint AS outbox_id, \
+                'money.wallet.credited'::text AS event_type, NULL::text AS tenant_id, \
+                '{\"txId\": \"t\", \"userId\": \"u\", \"amountCents\": 1, \"currency\": \"USD\"}'::jsonb AS payload, \
+                NULL::jsonb AS headers, now() AS occurred_at, 'money'::text AS publisher, \
+                'dead'::text AS state, 'invalid_payload'::text AS reason, now() AS dead_lettered_at, \
+                0 AS replay_count, NULL::timestamptz AS last_replayed_at",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let replayed: Vec<String> =
+        sqlx::query_scalar("SELECT outbox_dlq_replay(p_reason => 'invalid_payload')")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert!(
+        replayed.is_empty(),
+        "the temp table was not read: {replayed:?}"
+    );
+    assert_eq!(
+        env.outbox_count().await,
+        0,
+        "nothing forged reached the outbox"
+    );
+}

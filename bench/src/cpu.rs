@@ -65,7 +65,13 @@ fn component(pid: u32, db_name: &str) -> &'static str {
     } else if cmd.contains("ConnectStandalone") {
         "kafka connect + debezium"
     } else if cmd.contains("kafka.Kafka") {
-        "kafka broker(s)"
+        let state =
+            std::env::var("OUTBOX_STATE_DIR").unwrap_or_else(|_| "/var/tmp/outbox-relay".into());
+        if cmd.contains(&format!("{state}/kafka/server.properties")) {
+            "kafka broker"
+        } else {
+            "other kafka brokers"
+        }
     } else {
         "other"
     }

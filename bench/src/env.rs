@@ -138,7 +138,11 @@ impl BenchEnv {
     }
 
     /// Environment of bench/peers/debezium/run.sh for this run.
-    pub fn debezium_env(&self, rest_port: u16, log_dest: &std::path::Path) -> Result<Vec<(String, String)>> {
+    pub fn debezium_env(
+        &self,
+        rest_port: u16,
+        log_dest: &std::path::Path,
+    ) -> Result<Vec<(String, String)>> {
         let o = PgConnectOptions::from_str(&self.db_url)?;
         Ok(vec![
             ("DBZ_LOG_DEST".into(), log_dest.display().to_string()),

@@ -87,16 +87,30 @@ impl Watermarks {
         })
     }
 
+    /// One ListOffsets round trip for every partition (polling partition
+    /// by partition would load the broker it measures).
     pub fn read(&self) -> Result<Offsets> {
-        let mut m = HashMap::new();
+        let mut tpl = TopicPartitionList::new();
         for t in &self.topics {
             for p in 0..self.partitions {
-                let (_, high) = self
-                    .consumer
-                    .fetch_watermarks(t, p, Duration::from_secs(10))
-                    .with_context(|| format!("end offset of {t}/{p}"))?;
-                m.insert((t.clone(), p), high);
+                tpl.add_partition_offset(t, p, Offset::End)?;
             }
+        }
+        let got = self
+            .consumer
+            .offsets_for_times(tpl, Duration::from_secs(10))
+            .context("reading end offsets")?;
+        let mut m = HashMap::new();
+        for e in got.elements() {
+            let Offset::Offset(o) = e.offset() else {
+                bail!(
+                    "no end offset for {}/{}: {:?}",
+                    e.topic(),
+                    e.partition(),
+                    e.offset()
+                );
+            };
+            m.insert((e.topic().to_string(), e.partition()), o);
         }
         Ok(Offsets(m))
     }

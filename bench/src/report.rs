@@ -22,9 +22,11 @@ impl Integrity {
 #[derive(Debug, Clone, Serialize)]
 pub struct Drain {
     pub events: u64,
-    /// From starting (relay) or resuming (Debezium) until Kafka held every event.
+    /// From starting (relay) or resuming (Debezium) until Kafka held every
+    /// event (for the relay: until the outbox was empty, which it empties
+    /// only after Kafka's acknowledgements).
     pub acked_s: f64,
-    /// Relay only: until the outbox was empty as well.
+    /// Relay only: until the outbox was empty.
     pub deleted_s: Option<f64>,
     pub events_per_s: f64,
     pub rss_mib: f64,
@@ -308,7 +310,10 @@ pub fn markdown(r: &Results) -> String {
             t.tax_pct,
         ));
         if t.dbz_rate > 0.0 {
-            s.push_str(&format!(", Debezium's outbox table {} /s", fmt_rate(t.dbz_rate)));
+            s.push_str(&format!(
+                ", Debezium's outbox table {} /s",
+                fmt_rate(t.dbz_rate)
+            ));
         }
         s.push_str(".\n");
     }
@@ -355,9 +360,18 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     let timings = [
-        ("drain", rl.drain.as_ref().and_then(|x| x.batch_timings.as_ref())),
-        ("steady", rl.steady.as_ref().and_then(|x| x.batch_timings.as_ref())),
-        ("max", rl.max.as_ref().and_then(|x| x.batch_timings.as_ref())),
+        (
+            "drain",
+            rl.drain.as_ref().and_then(|x| x.batch_timings.as_ref()),
+        ),
+        (
+            "steady",
+            rl.steady.as_ref().and_then(|x| x.batch_timings.as_ref()),
+        ),
+        (
+            "max",
+            rl.max.as_ref().and_then(|x| x.batch_timings.as_ref()),
+        ),
     ];
     for (mode, t) in timings {
         if let Some(t) = t {

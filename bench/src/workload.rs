@@ -424,16 +424,31 @@ async fn insert_one(
 /// for `duration`: paced to `rate` events/s in total (an open-loop schedule:
 /// a writer that falls behind catches up instead of lowering the rate), or
 /// as fast as they can when `rate` is `None`.
+/// What a [`write`] phase runs.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteSpec {
+    pub shape: Shape,
+    pub writers: usize,
+    /// Events/s in total; `None`: as fast as the writers can.
+    pub rate: Option<f64>,
+    pub duration: Duration,
+    /// Read the commit timestamp back (`RETURNING`); off for the writer tax.
+    pub returning: bool,
+}
+
 pub async fn write(
     url: &str,
-    shape: Shape,
     mix: Arc<Mix>,
     seq: Arc<AtomicU64>,
-    writers: usize,
-    rate: Option<f64>,
-    duration: Duration,
-    returning: bool,
+    spec: WriteSpec,
 ) -> Result<WriteReport> {
+    let WriteSpec {
+        shape,
+        writers,
+        rate,
+        duration,
+        returning,
+    } = spec;
     let mut conns = Vec::with_capacity(writers);
     for _ in 0..writers {
         conns.push(
