@@ -151,6 +151,9 @@ pub struct RelaySettings {
     /// Name of this outbox source; the `source` label on every metric.
     pub source: String,
     pub batch_size: u32,
+    /// Batches in flight at once: the next is claimed and queued in the
+    /// producer while Kafka acknowledges the previous. 1 turns it off.
+    pub pipeline_depth: u32,
     /// Sleep after an empty claim. Full batches loop at once.
     pub idle_interval_ms: u64,
     /// LISTEN for the wake-ups that `SELECT outbox_enable_notify()` turns
@@ -254,6 +257,7 @@ impl Default for Settings {
             relay: RelaySettings {
                 source: "default".into(),
                 batch_size: 1000,
+                pipeline_depth: 2,
                 idle_interval_ms: 5,
                 listen: false,
                 max_attempts: 12,
@@ -475,6 +479,12 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "relay.batch_size",
                 "must be between 1 and 50000",
+            ));
+        }
+        if self.relay.pipeline_depth == 0 || self.relay.pipeline_depth > 8 {
+            return Err(ConfigError::invalid(
+                "relay.pipeline_depth",
+                "must be between 1 and 8",
             ));
         }
         if self.relay.max_attempts == 0 {

@@ -41,9 +41,9 @@ pub struct Leases {
     relay_id: String,
     settings: LeaseSettings,
     view: Mutex<View>,
-    /// The relay loop holds a read guard for a whole step; handing a lease
-    /// back takes the write guard, so it waits for the in-flight batch.
-    pub step_gate: tokio::sync::RwLock<()>,
+    /// Every batch in flight holds a read guard until it has settled; handing
+    /// a lease back takes the write guard, so it waits for them.
+    pub step_gate: Arc<tokio::sync::RwLock<()>>,
     /// Process-wide identity facts for the heartbeat row.
     source: String,
     host: String,
@@ -67,7 +67,7 @@ impl Leases {
             relay_id,
             settings,
             view: Mutex::new(View::default()),
-            step_gate: tokio::sync::RwLock::new(()),
+            step_gate: Arc::new(tokio::sync::RwLock::new(())),
             source,
             host,
         })

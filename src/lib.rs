@@ -351,7 +351,7 @@ async fn run_source(
         health,
         token.clone(),
     ));
-    let result = relay.run(token.clone()).await;
+    let result = relay.clone().run(token.clone()).await;
     if result.is_err() {
         // A fatal error of this source must not leave its leases held.
         token.cancel();

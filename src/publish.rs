@@ -8,10 +8,11 @@
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 
@@ -118,17 +119,18 @@ pub struct Ack {
     pub offset: i64,
 }
 
-/// Produces every message of a batch, in order, then waits for the delivery
-/// reports until they are all in or `give_up` completes. Results are
-/// index-aligned with `batch`; `None` means no report arrived in time (the
-/// message may still be delivered: the row must be published again).
-pub async fn publish_batch(
-    producer: &RelayProducer,
-    batch: &[Prepared],
-    give_up: impl std::future::Future<Output = ()>,
-) -> Vec<Option<Result<Ack, KafkaError>>> {
+/// A batch handed to librdkafka: the delivery reports still to come, and
+/// the messages it refused outright.
+pub struct Produced {
+    results: Vec<Option<Result<Ack, KafkaError>>>,
+    pending: Vec<(usize, DeliveryFuture)>,
+}
+
+/// Queues every message of a batch, in order, without waiting for Kafka:
+/// the order of these calls is the order within each Kafka partition.
+pub async fn produce(producer: &RelayProducer, batch: &[Prepared]) -> Produced {
     let mut results: Vec<Option<Result<Ack, KafkaError>>> = Vec::with_capacity(batch.len());
-    let mut pending = FuturesUnordered::new();
+    let mut pending = Vec::with_capacity(batch.len());
     for (i, msg) in batch.iter().enumerate() {
         let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
         for (name, value) in &msg.headers {
@@ -146,7 +148,7 @@ pub async fn publish_batch(
         loop {
             match producer.send_result(record) {
                 Ok(future) => {
-                    pending.push(async move { (i, future.await) });
+                    pending.push((i, future));
                     break;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -161,6 +163,25 @@ pub async fn publish_batch(
             }
         }
     }
+    Produced { results, pending }
+}
+
+/// Waits for the delivery reports of a produced batch until they are all in
+/// or `give_up` completes. Results are index-aligned with the batch; `None`
+/// means no report arrived in time (the message may still be delivered: the
+/// row must be published again).
+pub async fn acks(
+    produced: Produced,
+    give_up: impl std::future::Future<Output = ()>,
+) -> Vec<Option<Result<Ack, KafkaError>>> {
+    let Produced {
+        mut results,
+        pending,
+    } = produced;
+    let mut pending: FuturesUnordered<_> = pending
+        .into_iter()
+        .map(|(i, future)| future.map(move |delivery| (i, delivery)))
+        .collect();
     tokio::pin!(give_up);
     loop {
         tokio::select! {

@@ -4,14 +4,16 @@
 //! while Kafka acknowledges them, and the transaction that deletes them is
 //! the one that claimed them. A row is never removed before Kafka's ack.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
+
+use crate::sql::OutboxRow;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
@@ -82,10 +84,54 @@ impl Progress {
     }
 }
 
+/// Rows of a batch that go to the DLQ, with reason, message and type.
+#[derive(Default)]
 struct Dead {
     ids: Vec<i64>,
     reasons: Vec<&'static str>,
     errors: Vec<String>,
+    types: Vec<(String, DlqReason)>,
+}
+
+impl Dead {
+    fn push(&mut self, id: i64, event_type: &str, reason: DlqReason, error: String) {
+        self.ids.push(id);
+        self.reasons.push(reason.as_str());
+        self.errors.push(error);
+        self.types.push((event_type.to_string(), reason));
+    }
+
+    fn retain(&mut self, keep: impl Fn(&i64) -> bool) {
+        let mut kept = Dead::default();
+        for i in 0..self.ids.len() {
+            if keep(&self.ids[i]) {
+                kept.ids.push(self.ids[i]);
+                kept.reasons.push(self.reasons[i]);
+                kept.errors.push(std::mem::take(&mut self.errors[i]));
+                kept.types.push(self.types[i].clone());
+            }
+        }
+        *self = kept;
+    }
+}
+
+/// A claimed batch whose messages are queued in the producer, its rows
+/// still locked by its open transaction.
+struct InFlight {
+    tx: Transaction<'static, Postgres>,
+    rows: Vec<OutboxRow>,
+    ready: Vec<Prepared>,
+    ready_attempts: Vec<i32>,
+    dead: Dead,
+    epochs: HashMap<i16, i64>,
+    produced: publish::Produced,
+    producer: Arc<RelayProducer>,
+    /// Highest ordering id claimed: the next pipelined claim starts above it.
+    max_id: i64,
+    started: Instant,
+    claimed_in: Duration,
+    produced_in: Duration,
+    _gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
 }
 
 impl Relay {
@@ -146,38 +192,50 @@ impl Relay {
 
     /// Claims, publishes and settles one batch.
     pub async fn step(&self) -> Result<Outcome, RelayError> {
+        match self.begin(None).await? {
+            None => Ok(Outcome::Empty),
+            Some(batch) => Ok(Outcome::Batch(self.finish(batch).await?)),
+        }
+    }
+
+    /// Claims a batch (rows with an ordering id above `after`, when given),
+    /// builds the envelopes and queues the messages in the producer. The
+    /// returned batch keeps its transaction open until [`Relay::finish`].
+    async fn begin(&self, after: Option<i64>) -> Result<Option<InFlight>, RelayError> {
         let relay = &self.settings.relay;
-        // Held for the whole step: a lease is handed back only between steps.
-        let _gate = match &self.leases {
-            Some(l) => Some(l.step_gate.read().await),
+        // Held until the batch settles: a lease is handed back only when no
+        // batch of it is in flight.
+        let gate = match &self.leases {
+            Some(l) => Some(l.step_gate.clone().read_owned().await),
             None => None,
         };
         let usable = self.leases.as_ref().map(|l| l.usable());
         if usable.as_ref().is_some_and(|u| u.vpartitions.is_empty()) {
             // Standing by: no partition leased (yet).
-            return Ok(Outcome::Empty);
+            return Ok(None);
         }
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
         let rows = match &usable {
             Some(u) => {
-                sql::claim_partitions(&mut tx, relay.batch_size as i64, &u.vpartitions).await?
+                sql::claim_partitions(
+                    &mut tx,
+                    relay.batch_size as i64,
+                    &u.vpartitions,
+                    after.unwrap_or(0),
+                )
+                .await?
             }
-            None => sql::claim(&mut tx, relay.batch_size as i64).await?,
+            None => sql::claim(&mut tx, relay.batch_size as i64, after.unwrap_or(0)).await?,
         };
         let claimed_in = started.elapsed();
-        metrics::batch(rows.len(), claimed_in);
         if rows.is_empty() {
             tx.rollback().await?;
-            return Ok(Outcome::Empty);
+            return Ok(None);
         }
+        metrics::batch(rows.len(), claimed_in);
 
-        let mut dead = Dead {
-            ids: Vec::new(),
-            reasons: Vec::new(),
-            errors: Vec::new(),
-        };
-        let mut dead_types: Vec<(String, DlqReason)> = Vec::new();
+        let mut dead = Dead::default();
         let mut ready: Vec<Prepared> = Vec::with_capacity(rows.len());
         let mut ready_attempts: Vec<i32> = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -199,15 +257,10 @@ impl Relay {
                         error = %rejected.message,
                         "event dead-lettered"
                     );
-                    dead.ids.push(row.id);
-                    dead.reasons.push(rejected.reason.as_str());
-                    dead.errors.push(rejected.message);
-                    dead_types.push((row.event_type.clone(), rejected.reason));
+                    dead.push(row.id, &row.event_type, rejected.reason, rejected.message);
                 }
             }
         }
-
-        let producer = self.producer();
         let epochs: HashMap<i16, i64> = match &usable {
             Some(u) => u
                 .vpartitions
@@ -217,14 +270,51 @@ impl Relay {
                 .collect(),
             None => HashMap::new(),
         };
+        let producer = self.producer();
+        let produced = publish::produce(&producer, &ready).await;
+        let max_id = rows.iter().map(|r| r.id).max().unwrap_or(0);
+        Ok(Some(InFlight {
+            tx,
+            rows,
+            ready,
+            ready_attempts,
+            dead,
+            epochs,
+            produced,
+            producer,
+            max_id,
+            started,
+            claimed_in,
+            produced_in: started.elapsed(),
+            _gate: gate,
+        }))
+    }
+
+    /// Waits for Kafka's answers to a batch and settles it in its own
+    /// transaction: delete what was acknowledged, dead-letter what never
+    /// can be published, reschedule the rest, commit.
+    async fn finish(&self, batch: InFlight) -> Result<BatchReport, RelayError> {
+        let relay = &self.settings.relay;
+        let InFlight {
+            mut tx,
+            rows,
+            ready,
+            ready_attempts,
+            mut dead,
+            epochs,
+            produced,
+            producer,
+            started,
+            claimed_in,
+            produced_in,
+            ..
+        } = batch;
         let give_up = self.lease_deadline(&ready, &epochs);
-        let prepared_in = started.elapsed();
-        let results = publish::publish_batch(&producer, &ready, give_up).await;
+        let results = publish::acks(produced, give_up).await;
         let acked_in = started.elapsed();
 
         let now = Utc::now();
         let mut acked = Vec::with_capacity(ready.len());
-        let mut published_by: HashMap<(&str, &str), u64> = HashMap::new();
         let mut retry_ids = Vec::new();
         let mut retry_errors = Vec::new();
         // Rows whose failure is of unknown class: only those use up
@@ -241,9 +331,6 @@ impl Relay {
                 }
                 Some(Ok(_)) => {
                     acked.push(msg.id);
-                    *published_by
-                        .entry((msg.def.event_type.as_str(), msg.topic.as_str()))
-                        .or_default() += 1;
                     let latency = (now - msg.occurred_at).num_microseconds().unwrap_or(0);
                     metrics::publish_latency(latency as f64 / 1e6);
                     continue;
@@ -255,10 +342,7 @@ impl Relay {
                 Class::Permanent(reason) => {
                     tracing::error!(event_id = %msg.event_id, event_type = %msg.def.event_type,
                         reason = reason.as_str(), error = %err, "event dead-lettered");
-                    dead.ids.push(msg.id);
-                    dead.reasons.push(reason.as_str());
-                    dead.errors.push(err.to_string());
-                    dead_types.push((msg.def.event_type.clone(), reason));
+                    dead.push(msg.id, &msg.def.event_type, reason, err.to_string());
                 }
                 Class::Transient(label) => {
                     metrics::publish_failure(self.source(), label);
@@ -282,61 +366,69 @@ impl Relay {
                 "publish failed; events stay in the outbox and are retried"
             );
         }
-
         if unsettled > 0 {
             tracing::warn!(
                 events = unsettled,
                 "lease ran short before Kafka answered; events left for the next owner"
             );
         }
-        if let (Some(leases), false) = (&self.leases, epochs.is_empty()) {
-            // Fencing: settle only rows of partitions still ours under the
-            // epoch we claimed them with.
-            let touched: std::collections::BTreeSet<i16> =
-                rows.iter().map(|r| r.vpartition).collect();
-            let vps: Vec<i16> = touched.iter().copied().collect();
-            let eps: Vec<i64> = vps.iter().map(|vp| epochs[vp]).collect();
-            let valid: std::collections::HashSet<i16> =
-                sql::lease_fence(&mut tx, leases.relay_id(), &vps, &eps)
-                    .await?
-                    .into_iter()
-                    .collect();
-            if valid.len() < vps.len() {
-                let part_of: HashMap<i64, i16> =
-                    rows.iter().map(|r| (r.id, r.vpartition)).collect();
-                let keep = |id: &i64| valid.contains(&part_of[id]);
-                let before = acked.len() + dead.ids.len() + retry_ids.len();
-                acked.retain(keep);
-                let mut i = 0;
-                while i < dead.ids.len() {
-                    if keep(&dead.ids[i]) {
-                        i += 1;
-                    } else {
-                        dead.ids.remove(i);
-                        dead.reasons.remove(i);
-                        dead.errors.remove(i);
-                        dead_types.remove(i);
-                    }
+        // Fast path: every row was acknowledged and every lease held, so
+        // the claim's delete stands as it is. Otherwise the delete is undone
+        // and the batch settled row by row.
+        let clean = dead.ids.is_empty() && retry_ids.is_empty() && unsettled == 0;
+        let mut fast = false;
+        if clean {
+            fast = match (&self.leases, epochs.is_empty()) {
+                (Some(leases), false) => {
+                    let (vps, eps) = batch_leases(&rows, &epochs);
+                    sql::lease_fence(&mut tx, leases.relay_id(), &vps, &eps)
+                        .await?
+                        .len()
+                        == vps.len()
                 }
-                let mut i = 0;
-                while i < retry_ids.len() {
-                    if keep(&retry_ids[i]) {
-                        i += 1;
-                    } else {
-                        retry_ids.remove(i);
-                        retry_errors.remove(i);
-                    }
-                }
-                let fenced = before - acked.len() - dead.ids.len() - retry_ids.len();
-                tracing::warn!(
-                    events = fenced,
-                    lost = vps.len() - valid.len(),
-                    "lease lost during the batch; its rows are left to the new owner"
-                );
-            }
+                _ => true,
+            };
         }
-        sql::delete_published(&mut tx, &acked).await?;
-        sql::dead_letter(&mut tx, &dead.ids, &dead.reasons, &dead.errors).await?;
+        if !fast {
+            let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+            sql::unclaim(&mut tx, &ids).await?;
+            if let (Some(leases), false) = (&self.leases, epochs.is_empty()) {
+                // Fencing: settle only rows of partitions still ours under the
+                // epoch we claimed them with.
+                let (vps, eps) = batch_leases(&rows, &epochs);
+                let valid: std::collections::HashSet<i16> =
+                    sql::lease_fence(&mut tx, leases.relay_id(), &vps, &eps)
+                        .await?
+                        .into_iter()
+                        .collect();
+                if valid.len() < vps.len() {
+                    let part_of: HashMap<i64, i16> =
+                        rows.iter().map(|r| (r.id, r.vpartition)).collect();
+                    let keep = |id: &i64| valid.contains(&part_of[id]);
+                    let before = acked.len() + dead.ids.len() + retry_ids.len();
+                    acked.retain(keep);
+                    dead.retain(keep);
+                    let mut kept_errors = Vec::with_capacity(retry_ids.len());
+                    let mut kept_ids = Vec::with_capacity(retry_ids.len());
+                    for (id, err) in retry_ids.into_iter().zip(retry_errors) {
+                        if keep(&id) {
+                            kept_ids.push(id);
+                            kept_errors.push(err);
+                        }
+                    }
+                    retry_ids = kept_ids;
+                    retry_errors = kept_errors;
+                    let fenced = before - acked.len() - dead.ids.len() - retry_ids.len();
+                    tracing::warn!(
+                        events = fenced,
+                        lost = vps.len() - valid.len(),
+                        "lease lost during the batch; its rows are left to the new owner"
+                    );
+                }
+            }
+            sql::delete_published(&mut tx, &acked).await?;
+            sql::dead_letter(&mut tx, &dead.ids, &dead.reasons, &dead.errors).await?;
+        }
         let unknown: Vec<bool> = retry_ids
             .iter()
             .map(|id| unknown_ids.contains(id))
@@ -351,23 +443,13 @@ impl Relay {
             relay.retry_max_ms,
         )
         .await?;
-        for id in &exhausted {
-            let row = rows
-                .iter()
-                .find(|r| r.id == *id)
-                .expect("an exhausted row is a claimed row");
-            tracing::error!(event_id = %row.event_id, event_type = %row.event_type,
-                reason = DlqReason::RetriesExhausted.as_str(), max_attempts = relay.max_attempts,
-                "event dead-lettered");
-            dead_types.push((row.event_type.clone(), DlqReason::RetriesExhausted));
-        }
         let settled_in = started.elapsed();
         let committed = tx.commit().await;
         tracing::trace!(
             rows = rows.len(),
             claim_us = claimed_in.as_micros() as u64,
-            prepare_us = (prepared_in - claimed_in).as_micros() as u64,
-            publish_us = (acked_in - prepared_in).as_micros() as u64,
+            produce_us = (produced_in - claimed_in).as_micros() as u64,
+            ack_us = (acked_in - produced_in).as_micros() as u64,
             settle_us = (settled_in - acked_in).as_micros() as u64,
             commit_us = (started.elapsed() - settled_in).as_micros() as u64,
             "batch timings"
@@ -380,11 +462,32 @@ impl Relay {
             return Err(err.into());
         }
 
+        let acked_set: std::collections::HashSet<i64> = acked.iter().copied().collect();
+        let mut published_by: HashMap<(&str, &str), u64> = HashMap::new();
+        for msg in ready.iter().filter(|m| acked_set.contains(&m.id)) {
+            *published_by
+                .entry((msg.def.event_type.as_str(), msg.topic.as_str()))
+                .or_default() += 1;
+        }
         for ((event_type, topic), n) in published_by {
             metrics::published(self.source(), event_type, topic, n);
         }
-        for (event_type, reason) in &dead_types {
+        for (event_type, reason) in &dead.types {
             metrics::dead_lettered(self.source(), event_type, reason.as_str());
+        }
+        for id in &exhausted {
+            let row = rows
+                .iter()
+                .find(|r| r.id == *id)
+                .expect("an exhausted row is a claimed row");
+            tracing::error!(event_id = %row.event_id, event_type = %row.event_type,
+                reason = DlqReason::RetriesExhausted.as_str(), max_attempts = relay.max_attempts,
+                "event dead-lettered");
+            metrics::dead_lettered(
+                self.source(),
+                &row.event_type,
+                DlqReason::RetriesExhausted.as_str(),
+            );
         }
         if !acked.is_empty() {
             let now_ms = Utc::now().timestamp_millis();
@@ -401,12 +504,12 @@ impl Relay {
             let fresh = publish::create_producer(&self.settings.kafka)?;
             *self.producer.lock().expect("producer lock") = Arc::new(fresh);
         }
-        Ok(Outcome::Batch(BatchReport {
+        Ok(BatchReport {
             claimed: rows.len(),
             published: acked.len(),
             dead_lettered: dead.ids.len() + exhausted.len(),
             retried: retry_ids.len() - exhausted.len(),
-        }))
+        })
     }
 
     /// Completes when the leases of the batch's partitions run short (never
@@ -434,47 +537,112 @@ impl Relay {
         }
     }
 
-    /// Steps until `token` is cancelled. A full batch loops at once; an
-    /// empty or partial one waits `relay.idle_interval_ms`. Database errors
-    /// back off (capped) and retry; errors no retry can fix end the loop.
-    pub async fn run(&self, token: CancellationToken) -> Result<(), RelayError> {
+    /// Runs until `token` is cancelled, keeping up to `relay.pipeline_depth`
+    /// batches in flight: the next batch is claimed and queued in the
+    /// producer while Kafka acknowledges the previous one, and each batch
+    /// settles in its own transaction. Messages are queued strictly in claim
+    /// order, so the order within a Kafka partition is the outbox order.
+    /// Claiming continues at once while batches come back full; an empty
+    /// claim waits `relay.idle_interval_ms` (or a NOTIFY wake-up). Database
+    /// errors back off (capped) and retry; errors no retry can fix end the
+    /// loop. On cancellation, the batches in flight settle before returning.
+    pub async fn run(self: Arc<Self>, token: CancellationToken) -> Result<(), RelayError> {
         let idle = self.settings.idle_interval();
         let full = self.settings.relay.batch_size as usize;
+        let depth = self.settings.relay.pipeline_depth.max(1) as usize;
         let mut backoff = db_backoff();
-        while !token.is_cancelled() {
-            let mut wakeable = false;
-            let wait = match self.step().await {
-                Ok(Outcome::Batch(r)) if r.claimed >= full && r.retried == 0 => {
-                    backoff = db_backoff();
-                    continue;
-                }
-                Ok(_) => {
-                    backoff = db_backoff();
-                    wakeable = true;
-                    idle
-                }
-                Err(RelayError::Db(err)) => {
-                    metrics::db_error(self.source());
-                    if failure::classify_db_running(&err) == DbClass::Fatal {
-                        tracing::error!(error = %err, "database error that no retry can fix");
-                        return Err(err.into());
+        let mut inflight: VecDeque<tokio::task::JoinHandle<Result<BatchReport, RelayError>>> =
+            VecDeque::new();
+        let mut cursor: Option<i64> = None;
+        let mut last_full_scan = Instant::now();
+        loop {
+            let mut failure: Option<RelayError> = None;
+            let can_claim = !token.is_cancelled() && inflight.len() < depth;
+            // A pipelined claim starts above this relay's own rows in flight:
+            // with leases the claim waits on locked rows instead of skipping
+            // them, and a batch that settles row by row briefly unlocks its
+            // rows (sql::unclaim). Rows below the cursor (a late commit, a
+            // retry coming due) are found by a claim with nothing in flight,
+            // at least every FULL_SCAN_EVERY.
+            let pipelined = !inflight.is_empty();
+            let due_full_scan = pipelined && last_full_scan.elapsed() >= FULL_SCAN_EVERY;
+            if can_claim && !due_full_scan {
+                let after = if pipelined { cursor } else { None };
+                match self.begin(after).await {
+                    Ok(Some(batch)) => {
+                        if !pipelined {
+                            last_full_scan = Instant::now();
+                        }
+                        let was_full = batch.rows.len() >= full;
+                        cursor = Some(batch.max_id);
+                        let me = self.clone();
+                        inflight.push_back(tokio::spawn(async move { me.finish(batch).await }));
+                        if was_full {
+                            continue;
+                        }
                     }
-                    let delay = backoff.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
-                        "database unavailable; retrying");
-                    delay
+                    Ok(None) if !pipelined => {
+                        last_full_scan = Instant::now();
+                        tokio::select! {
+                            _ = token.cancelled() => {}
+                            _ = tokio::time::sleep(idle) => {}
+                            _ = self.wake.notified() => {}
+                        }
+                        continue;
+                    }
+                    Ok(None) => {}
+                    Err(err) => failure = Some(err),
                 }
-                Err(err) => return Err(err),
-            };
-            tokio::select! {
-                _ = token.cancelled() => break,
-                _ = tokio::time::sleep(wait) => {}
-                _ = self.wake.notified(), if wakeable => {}
+            }
+            if let Some(oldest) = inflight.pop_front() {
+                match oldest.await.expect("batch task panicked") {
+                    Ok(_) => backoff = db_backoff(),
+                    Err(err) => failure = failure.or(Some(err)),
+                }
+            }
+            if inflight.is_empty() {
+                cursor = None;
+            }
+            if let Some(err) = failure {
+                // Let the other batches settle first: their rows are locked.
+                while let Some(batch) = inflight.pop_front() {
+                    let _ = batch.await;
+                }
+                cursor = None;
+                let RelayError::Db(err) = err else {
+                    return Err(err);
+                };
+                metrics::db_error(self.source());
+                if failure::classify_db_running(&err) == DbClass::Fatal {
+                    tracing::error!(error = %err, "database error that no retry can fix");
+                    return Err(err.into());
+                }
+                let delay = backoff.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %err, retry_in_ms = delay.as_millis() as u64,
+                    "database unavailable; retrying");
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            if token.is_cancelled() && inflight.is_empty() {
+                return Ok(());
             }
         }
-        Ok(())
     }
 }
+
+/// The partitions a batch touched, with the epochs it claimed them under.
+fn batch_leases(rows: &[OutboxRow], epochs: &HashMap<i16, i64>) -> (Vec<i16>, Vec<i64>) {
+    let touched: std::collections::BTreeSet<i16> = rows.iter().map(|r| r.vpartition).collect();
+    let vps: Vec<i16> = touched.into_iter().collect();
+    let eps = vps.iter().map(|vp| epochs[vp]).collect();
+    (vps, eps)
+}
+
+/// How often a relay claims with nothing in flight, so that rows
+/// below its pipelined claims (late commits, retries coming due) are found.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
 
 /// Capped exponential backoff with jitter for reconnecting to Postgres.
 pub fn db_backoff() -> impl Iterator<Item = Duration> {

@@ -84,45 +84,79 @@ pub async fn connect_relay(
         .await
 }
 
-/// Claims up to `limit` due rows in ordering-id order. The row locks last
-/// until the transaction ends; other relays skip them.
-pub async fn claim(tx: &mut Transaction<'_, Postgres>, limit: i64) -> sqlx::Result<Vec<OutboxRow>> {
-    sqlx::query_as::<_, OutboxRow>(
-        "SELECT id, event_id, event_type, tenant_id, payload::text AS payload, \
-                headers::text AS headers, occurred_at, attempts, publisher, vpartition \
-           FROM outbox \
-          WHERE available_at <= now() \
-          ORDER BY id \
-          LIMIT $1 \
-          FOR UPDATE SKIP LOCKED",
-    )
+/// Columns of a claimed row, as [`OutboxRow`] reads them.
+const CLAIMED_COLUMNS: &str = "id, event_id, event_type, tenant_id, payload::text AS payload, \
+     headers::text AS headers, occurred_at, attempts, publisher, vpartition";
+
+/// Claims up to `limit` due rows above `after_id` in ordering-id order and deletes them in
+/// one statement, inside a savepoint of the still-open transaction: nothing
+/// is removed until that transaction commits after Kafka acknowledged the
+/// batch, and [`unclaim`] undoes the delete when some rows must stay.
+/// Other relays skip the locked rows. Rows come back in ordering-id order.
+pub async fn claim(
+    tx: &mut Transaction<'_, Postgres>,
+    limit: i64,
+    after_id: i64,
+) -> sqlx::Result<Vec<OutboxRow>> {
+    sqlx::query("SAVEPOINT claim").execute(&mut **tx).await?;
+    let mut rows = sqlx::query_as::<_, OutboxRow>(&format!(
+        "DELETE FROM outbox WHERE id IN ( \
+             SELECT id FROM outbox \
+              WHERE id > $2 AND available_at <= now() \
+              ORDER BY id \
+              LIMIT $1 \
+              FOR UPDATE SKIP LOCKED) \
+         RETURNING {CLAIMED_COLUMNS}"
+    ))
     .bind(limit)
+    .bind(after_id)
     .fetch_all(&mut **tx)
-    .await
+    .await?;
+    rows.sort_unstable_by_key(|r| r.id);
+    Ok(rows)
 }
 
-/// Claims due rows of the given virtual partitions in ordering-id order.
-/// Without SKIP LOCKED: a row still locked by a relay that lost its lease
-/// must hold the batch back (until `lock_timeout`), never be jumped over,
-/// or a later event of the same key would overtake it.
+/// [`claim`] for the given virtual partitions, above `after_id`. Without
+/// SKIP LOCKED: a row still locked by a relay that lost its lease must hold
+/// the batch back (until `lock_timeout`), never be jumped over, or a later
+/// event of the same key would overtake it.
 pub async fn claim_partitions(
     tx: &mut Transaction<'_, Postgres>,
     limit: i64,
     vpartitions: &[i16],
+    after_id: i64,
 ) -> sqlx::Result<Vec<OutboxRow>> {
-    sqlx::query_as::<_, OutboxRow>(
-        "SELECT id, event_id, event_type, tenant_id, payload::text AS payload, \
-                headers::text AS headers, occurred_at, attempts, publisher, vpartition \
-           FROM outbox \
-          WHERE vpartition = ANY($2) AND available_at <= now() \
-          ORDER BY id \
-          LIMIT $1 \
-          FOR UPDATE",
-    )
+    sqlx::query("SAVEPOINT claim").execute(&mut **tx).await?;
+    let mut rows = sqlx::query_as::<_, OutboxRow>(&format!(
+        "DELETE FROM outbox WHERE id IN ( \
+             SELECT id FROM outbox \
+              WHERE vpartition = ANY($2) AND id > $3 AND available_at <= now() \
+              ORDER BY id \
+              LIMIT $1 \
+              FOR UPDATE) \
+         RETURNING {CLAIMED_COLUMNS}"
+    ))
     .bind(limit)
     .bind(vpartitions)
+    .bind(after_id)
     .fetch_all(&mut **tx)
-    .await
+    .await?;
+    rows.sort_unstable_by_key(|r| r.id);
+    Ok(rows)
+}
+
+/// Undoes a claim's delete (the rows are back, unlocked) and locks `ids`
+/// again, so that the batch can be settled row by row: delete what Kafka
+/// acknowledged, dead-letter or reschedule the rest.
+pub async fn unclaim(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> sqlx::Result<()> {
+    sqlx::query("ROLLBACK TO SAVEPOINT claim")
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("SELECT id FROM outbox WHERE id = ANY($1) ORDER BY id FOR UPDATE")
+        .bind(ids)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// The partitions of `vpartitions` still leased to `relay` under the given

@@ -757,8 +757,9 @@ async fn real_postgres_errors_are_classified_retry_or_fatal() {
     assert_eq!(failure::classify_db(&no_db), DbClass::Fatal);
 }
 
-/// A serialization failure, a deadlock and a connection killed in the middle
-/// of settling a batch: the relay loop backs off and tries again, nothing is
+/// A serialization failure, a deadlock and a connection killed while
+/// committing a batch that Kafka already acknowledged (a deferred trigger
+/// fires at commit): the relay loop backs off and tries again, nothing is
 /// dead-lettered, and the event is re-delivered with the same envelope.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn database_failures_while_settling_are_retried_and_redeliver_the_same_envelope() {
@@ -775,7 +776,8 @@ async fn database_failures_while_settling_are_retried_and_redeliver_the_same_env
            IF n = 3 THEN PERFORM pg_terminate_backend(pg_backend_pid()); PERFORM pg_sleep(5); END IF; \
            RETURN NULL; \
          END $$; \
-         CREATE TRIGGER fault BEFORE DELETE ON outbox FOR EACH STATEMENT EXECUTE FUNCTION fault();",
+         CREATE CONSTRAINT TRIGGER fault AFTER DELETE ON outbox \
+           DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION fault();",
     )
     .execute(&env.pool)
     .await

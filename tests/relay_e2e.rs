@@ -308,3 +308,23 @@ async fn sigterm_mid_stream_loses_nothing_and_exits_zero() {
     assert_eq!(ids, written, "every event arrived");
     assert_eq!(env.dlq_count().await, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_generated_event_ids_are_distinct_lowercase_ulids_of_insert_time() {
+    let env = TestEnv::new().await;
+    let ids: Vec<String> = sqlx::query_scalar("SELECT outbox_ulid() FROM generate_series(1, 2000)")
+        .fetch_all(&env.pool)
+        .await
+        .unwrap();
+    let now_ms = chrono::Utc::now().timestamp_millis() as u64;
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len());
+    for id in &ids {
+        assert_eq!(id, &id.to_lowercase());
+        let ulid = ulid::Ulid::from_string(&id.to_uppercase()).expect("a valid ULID");
+        assert!(
+            now_ms.abs_diff(ulid.timestamp_ms()) < 60_000,
+            "{id}: time part is now"
+        );
+    }
+}

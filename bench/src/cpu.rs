@@ -55,7 +55,9 @@ fn component(pid: u32, db_name: &str) -> &'static str {
     } else if comm == "outbox-bench" {
         "harness (writers, checks)"
     } else if comm == "postgres" || cmd.starts_with("postgres") {
-        if cmd.contains(db_name) {
+        if cmd.contains("walsender") {
+            "postgres: WAL senders (logical decoding)"
+        } else if cmd.contains(db_name) {
             "postgres: this run's sessions"
         } else if cmd.contains('(') {
             "postgres: other sessions"

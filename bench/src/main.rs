@@ -718,7 +718,10 @@ async fn load_phase(
         seconds: secs,
         target_rate: rate,
         commit_rate: w.rate(),
-        max_oldest_pending_ms: tl.iter().map(|s| s.oldest_pending_ms).fold(0.0, f64::max),
+        // Exact, not sampled: the oldest pending event's age peaks just before
+        // that event is appended, at its latency; so the peak over the phase
+        // is the largest latency.
+        max_oldest_pending_ms: lat.max_ms,
         max_backlog: tl.iter().map(|s| s.backlog).max().unwrap_or(0),
         catch_up_s: ((last_append - last_commit) as f64 / 1e6).max(0.0),
         latency: lat,
