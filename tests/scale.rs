@@ -249,7 +249,11 @@ async fn a_paused_relay_is_fenced_out_after_another_takes_over() {
         "B drains while A is paused"
     );
     let before_resume = env
-        .consume(&[topic.clone()], 100_000, Duration::from_secs(5))
+        .consume(
+            std::slice::from_ref(&topic),
+            100_000,
+            Duration::from_secs(5),
+        )
         .await
         .len();
     signal(&a, Signal::SIGCONT);
