@@ -63,16 +63,19 @@ LANGUAGE sql AS $$
     SELECT count(*)::integer FROM released
 $$;
 
--- The leases still held under the presented epochs, locked against a change
--- of owner until the settling transaction ends.
+-- The leases still held under the presented epochs. A relay commits a
+-- batch only if every partition it touched is still its own: one that lost
+-- a lease (paused, partitioned away) gives its rows back instead. No lock is
+-- needed for safety: the batch's rows stay locked by its transaction, so a
+-- new owner cannot claim them until it ends, and finds them gone if it
+-- committed.
 CREATE FUNCTION outbox_lease_fence(p_relay text, p_vpartitions smallint[], p_epochs bigint[])
 RETURNS SETOF smallint
-LANGUAGE sql AS $$
+LANGUAGE sql STABLE AS $$
     SELECT l.vpartition
       FROM outbox_leases l
       JOIN unnest(p_vpartitions, p_epochs) AS e(vp, epoch) ON e.vp = l.vpartition
      WHERE l.owner = p_relay AND l.epoch = e.epoch AND l.expires_at > now()
-       FOR SHARE OF l
 $$;
 
 CREATE VIEW outbox_lease_summary AS

@@ -46,15 +46,76 @@ pub enum FieldType {
     Object,
 }
 
+/// The JSON type of a value, as the catalog's checks see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonKind {
+    Null,
+    Boolean,
+    /// A number that fits i64 or u64.
+    Integer,
+    /// Any other number.
+    Float,
+    String,
+    Array,
+    Object,
+}
+
+impl JsonKind {
+    pub fn of(value: &Value) -> JsonKind {
+        match value {
+            Value::Null => JsonKind::Null,
+            Value::Bool(_) => JsonKind::Boolean,
+            Value::Number(n) if n.is_i64() || n.is_u64() => JsonKind::Integer,
+            Value::Number(_) => JsonKind::Float,
+            Value::String(_) => JsonKind::String,
+            Value::Array(_) => JsonKind::Array,
+            Value::Object(_) => JsonKind::Object,
+        }
+    }
+
+    /// The kind of a valid JSON text, from its first character (and, for
+    /// numbers, whether it is an integer that fits 64 bits) — without
+    /// building the value.
+    pub fn of_raw(json: &str) -> JsonKind {
+        match json.as_bytes().first() {
+            Some(b'"') => JsonKind::String,
+            Some(b'{') => JsonKind::Object,
+            Some(b'[') => JsonKind::Array,
+            Some(b't' | b'f') => JsonKind::Boolean,
+            Some(b'n') | None => JsonKind::Null,
+            Some(_) if json.parse::<i64>().is_ok() || json.parse::<u64>().is_ok() => {
+                JsonKind::Integer
+            }
+            Some(_) => JsonKind::Float,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            JsonKind::Null => "null",
+            JsonKind::Boolean => "boolean",
+            JsonKind::Integer => "integer",
+            JsonKind::Float => "number",
+            JsonKind::String => "string",
+            JsonKind::Array => "array",
+            JsonKind::Object => "object",
+        }
+    }
+}
+
 impl FieldType {
     pub fn matches(self, value: &Value) -> bool {
+        self.accepts(JsonKind::of(value))
+    }
+
+    pub fn accepts(self, kind: JsonKind) -> bool {
         match self {
-            FieldType::String => value.is_string(),
-            FieldType::Integer => value.is_i64() || value.is_u64(),
-            FieldType::Number => value.is_number(),
-            FieldType::Boolean => value.is_boolean(),
-            FieldType::Array => value.is_array(),
-            FieldType::Object => value.is_object(),
+            FieldType::String => kind == JsonKind::String,
+            FieldType::Integer => kind == JsonKind::Integer,
+            FieldType::Number => matches!(kind, JsonKind::Integer | JsonKind::Float),
+            FieldType::Boolean => kind == JsonKind::Boolean,
+            FieldType::Array => kind == JsonKind::Array,
+            FieldType::Object => kind == JsonKind::Object,
         }
     }
 
@@ -67,18 +128,6 @@ impl FieldType {
             FieldType::Array => "array",
             FieldType::Object => "object",
         }
-    }
-}
-
-fn json_type_name(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "boolean",
-        Value::Number(n) if n.is_f64() => "number",
-        Value::Number(_) => "integer",
-        Value::String(_) => "string",
-        Value::Array(_) => "array",
-        Value::Object(_) => "object",
     }
 }
 
@@ -132,36 +181,43 @@ impl EventDef {
     /// so publishers can add fields before consumers need them.
     pub fn validate_payload(&self, payload: &Value) -> Result<(), PayloadError> {
         let Some(object) = payload.as_object() else {
-            return Err(PayloadError {
-                path: "$".into(),
-                message: format!(
-                    "payload must be a JSON object, found {}",
-                    json_type_name(payload)
-                ),
-            });
+            return Err(not_an_object(JsonKind::of(payload)));
         };
+        self.check_fields(|field| object.get(field).map(JsonKind::of))
+    }
+
+    /// The field checks of [`EventDef::validate_payload`], over any view of
+    /// an object: `kind_of` gives the JSON kind of a field, if present.
+    pub fn check_fields(
+        &self,
+        kind_of: impl Fn(&str) -> Option<JsonKind>,
+    ) -> Result<(), PayloadError> {
         for (field, ty) in &self.payload {
-            match object.get(field) {
+            match kind_of(field) {
                 None => {
                     return Err(PayloadError {
                         path: format!("$.{field}"),
                         message: format!("required field missing (expected {})", ty.as_str()),
                     })
                 }
-                Some(value) if !ty.matches(value) => {
+                Some(kind) if !ty.accepts(kind) => {
                     return Err(PayloadError {
                         path: format!("$.{field}"),
-                        message: format!(
-                            "expected {}, found {}",
-                            ty.as_str(),
-                            json_type_name(value)
-                        ),
+                        message: format!("expected {}, found {}", ty.as_str(), kind.name()),
                     })
                 }
                 Some(_) => {}
             }
         }
         Ok(())
+    }
+}
+
+/// The error for a payload that is not a JSON object.
+pub fn not_an_object(kind: JsonKind) -> PayloadError {
+    PayloadError {
+        path: "$".into(),
+        message: format!("payload must be a JSON object, found {}", kind.name()),
     }
 }
 

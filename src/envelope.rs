@@ -11,9 +11,11 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::catalog::{Catalog, EventDef};
+use crate::catalog::{not_an_object, Catalog, EventDef, JsonKind};
 use crate::failure::DlqReason;
 use crate::sql::OutboxRow;
+use rdkafka::message::{Header, OwnedHeaders};
+use serde_json::value::RawValue;
 
 /// CloudEvents spec version announced in `ce_specversion`.
 pub const CE_SPECVERSION: &str = "1.0";
@@ -33,7 +35,8 @@ pub struct Prepared {
     pub topic: String,
     pub key: String,
     pub value: Vec<u8>,
-    pub headers: Vec<(&'static str, String)>,
+    /// Taken by the producer when the record is queued.
+    pub headers: Option<OwnedHeaders>,
     pub occurred_at: DateTime<Utc>,
 }
 
@@ -80,28 +83,80 @@ pub fn format_time(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+/// The payload's top-level fields. Normally raw JSON texts, without building
+/// values: the checks need only each field's kind, and the envelope carries
+/// the payload text unchanged. A payload whose keys use escape sequences
+/// (which cannot be borrowed) is parsed in full instead.
+enum Fields<'a> {
+    Raw(std::collections::BTreeMap<&'a str, &'a RawValue>),
+    Parsed(serde_json::Map<String, Value>),
+}
+
+impl<'a> Fields<'a> {
+    fn parse(payload: &'a str) -> Result<Fields<'a>, Rejected> {
+        if let Ok(raw) = serde_json::from_str(payload) {
+            return Ok(Fields::Raw(raw));
+        }
+        match serde_json::from_str::<Value>(payload) {
+            Ok(Value::Object(map)) => Ok(Fields::Parsed(map)),
+            Ok(other) => Err(reject(
+                DlqReason::InvalidPayload,
+                not_an_object(JsonKind::of(&other)).to_string(),
+            )),
+            Err(e) => Err(reject(
+                DlqReason::InvalidPayload,
+                format!("$: payload is not valid JSON: {e}"),
+            )),
+        }
+    }
+
+    fn kind(&self, field: &str) -> Option<JsonKind> {
+        match self {
+            Fields::Raw(m) => m.get(field).map(|raw| JsonKind::of_raw(raw.get())),
+            Fields::Parsed(m) => m.get(field).map(JsonKind::of),
+        }
+    }
+
+    fn string(&self, field: &str) -> Option<String> {
+        match self {
+            Fields::Raw(m) => m
+                .get(field)
+                .and_then(|raw| serde_json::from_str::<String>(raw.get()).ok()),
+            Fields::Parsed(m) => m.get(field).and_then(Value::as_str).map(str::to_owned),
+        }
+    }
+
+    /// The JSON text of an integer field.
+    fn integer_text(&self, field: &str) -> Option<String> {
+        match self {
+            Fields::Raw(m) => m.get(field).map(|raw| raw.get().to_string()),
+            Fields::Parsed(m) => m.get(field).map(Value::to_string),
+        }
+    }
+}
+
 /// The partition key: the catalog's key field of the payload, as a string.
-fn partition_key(def: &EventDef, payload: &Value) -> Result<String, Rejected> {
+fn partition_key(def: &EventDef, fields: &Fields<'_>) -> Result<String, Rejected> {
     let field = &def.partition_key;
-    match payload.get(field) {
-        Some(Value::String(s)) if !s.trim().is_empty() => Ok(s.clone()),
+    let kind = fields.kind(field);
+    match kind {
+        Some(JsonKind::String) => match fields.string(field) {
+            Some(s) if !s.trim().is_empty() => Ok(s),
+            _ => Err(reject(
+                DlqReason::MissingPartitionKey,
+                format!("partition key $.{field} is empty"),
+            )),
+        },
         // Integers only: a float's text form is not stable across writers
         // (1.0 vs 1), and the key decides the partition.
-        Some(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(n.to_string()),
-        Some(Value::String(_)) => Err(reject(
-            DlqReason::MissingPartitionKey,
-            format!("partition key $.{field} is empty"),
-        )),
+        Some(JsonKind::Integer) => Ok(fields.integer_text(field).unwrap_or_default()),
         Some(other) => Err(reject(
             DlqReason::MissingPartitionKey,
             format!(
                 "partition key $.{field} must be a non-empty string or integer, found {}",
                 match other {
-                    Value::Null => "null",
-                    Value::Bool(_) => "boolean",
-                    Value::Array(_) => "array",
-                    Value::Number(_) => "non-integer number",
-                    _ => "object",
+                    JsonKind::Float => "non-integer number",
+                    other => other.name(),
                 }
             ),
         )),
@@ -141,32 +196,22 @@ pub fn prepare(
             ),
         ));
     }
-    let payload: Value = serde_json::from_str(&row.payload).map_err(|e| {
-        reject(
-            DlqReason::InvalidPayload,
-            format!("$: payload is not valid JSON: {e}"),
-        )
-    })?;
-    if !payload.is_object() {
-        // Same message as validate_payload, before the key lookup below
-        // would misreport a non-object payload as a missing key.
-        let err = def.validate_payload(&payload).unwrap_err();
-        return Err(reject(DlqReason::InvalidPayload, err.to_string()));
-    }
-    let key = partition_key(def, &payload)?;
-    def.validate_payload(&payload)
+    let fields = Fields::parse(&row.payload)?;
+    let key = partition_key(def, &fields)?;
+    def.check_fields(|field| fields.kind(field))
         .map_err(|e| reject(DlqReason::InvalidPayload, e.to_string()))?;
 
     let row_headers: RowHeaders = match &row.headers {
         Some(text) => serde_json::from_str(text).unwrap_or_default(),
         None => RowHeaders::default(),
     };
-    let tenant_id = row
-        .tenant_id
-        .as_deref()
-        .or_else(|| payload.get("tenantId").and_then(Value::as_str));
+    let payload_tenant = match row.tenant_id {
+        Some(_) => None,
+        None => fields.string("tenantId"),
+    };
+    let tenant_id = row.tenant_id.as_deref().or(payload_tenant.as_deref());
     let occurred_at = format_time(row.occurred_at);
-    let data: &serde_json::value::RawValue = serde_json::from_str(&row.payload).map_err(|e| {
+    let data: &RawValue = serde_json::from_str(&row.payload).map_err(|e| {
         reject(
             DlqReason::InvalidPayload,
             format!("$: payload is not valid JSON: {e}"),
@@ -186,38 +231,43 @@ pub fn prepare(
     let mut value = Vec::with_capacity(row.payload.len() + 256);
     serde_json::to_writer(&mut value, &envelope).expect("serializing to a Vec cannot fail");
 
-    let mut headers: Vec<(&'static str, String)> = vec![
-        ("ce_specversion", CE_SPECVERSION.to_string()),
-        ("ce_id", row.event_id.clone()),
-        ("ce_type", row.event_type.clone()),
-        ("ce_source", def.publisher.clone()),
-        ("ce_time", occurred_at.clone()),
-        ("ce_schemaversion", def.schema_version.clone()),
-        ("content-type", "application/json".to_string()),
-    ];
+    // Built straight into librdkafka's header list from borrowed values.
+    let mut headers = OwnedHeaders::new_with_capacity(12);
+    let mut header_bytes = 0;
+    macro_rules! add {
+        ($name:expr, $value:expr) => {{
+            let (name, value): (&str, &str) = ($name, $value);
+            header_bytes += name.len() + value.len();
+            headers = headers.insert(Header {
+                key: name,
+                value: Some(value.as_bytes()),
+            });
+        }};
+    }
+    add!("ce_specversion", CE_SPECVERSION);
+    add!("ce_id", &row.event_id);
+    add!("ce_type", &row.event_type);
+    add!("ce_source", &def.publisher);
+    add!("ce_time", &occurred_at);
+    add!("ce_schemaversion", &def.schema_version);
+    add!("content-type", "application/json");
     if let Some(t) = tenant_id {
-        headers.push(("ce_tenantid", t.to_string()));
+        add!("ce_tenantid", t);
     }
-    if let Some(v) = row_headers.traceparent {
-        headers.push(("traceparent", v));
+    if let Some(v) = &row_headers.traceparent {
+        add!("traceparent", v);
     }
-    if let Some(v) = row_headers.tracestate {
-        headers.push(("tracestate", v));
+    if let Some(v) = &row_headers.tracestate {
+        add!("tracestate", v);
     }
-    if let Some(v) = row_headers.correlation_id {
-        headers.push(("ce_correlationid", v));
+    if let Some(v) = &row_headers.correlation_id {
+        add!("ce_correlationid", v);
     }
-    if let Some(v) = row_headers.causation_id {
-        headers.push(("ce_causationid", v));
+    if let Some(v) = &row_headers.causation_id {
+        add!("ce_causationid", v);
     }
 
-    let size = value.len()
-        + key.len()
-        + headers
-            .iter()
-            .map(|(k, v)| k.len() + v.len())
-            .sum::<usize>()
-        + RECORD_OVERHEAD;
+    let size = value.len() + key.len() + header_bytes + RECORD_OVERHEAD;
     if size > max_message_bytes {
         return Err(reject(
             DlqReason::MessageTooLarge,
@@ -234,7 +284,7 @@ pub fn prepare(
         topic: format!("{topic_prefix}{}", def.topic),
         key,
         value,
-        headers,
+        headers: Some(headers),
         occurred_at: row.occurred_at,
     })
 }
@@ -270,6 +320,21 @@ mod tests {
         }
     }
 
+    fn header_map(p: &Prepared) -> std::collections::HashMap<String, String> {
+        use rdkafka::message::Headers;
+        p.headers
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h.key.to_string(),
+                    String::from_utf8(h.value.unwrap().to_vec()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
     fn credited() -> Value {
         json!({"txId": "t1", "userId": "u1", "amountCents": 100, "currency": "USD"})
     }
@@ -299,7 +364,7 @@ mod tests {
                 "correlationId": "c-1"
             })
         );
-        let h: std::collections::HashMap<_, _> = p.headers.iter().cloned().collect();
+        let h = header_map(&p);
         assert_eq!(h["ce_id"], "01j9pa5mz70000000000000000");
         assert_eq!(h["ce_type"], "money.wallet.credited");
         assert_eq!(h["ce_tenantid"], "tenant-a");
@@ -376,6 +441,32 @@ mod tests {
 
         let e = prepare(&row("money.wallet.credited", credited()), &c, "", 200).unwrap_err();
         assert_eq!(e.reason, DlqReason::MessageTooLarge);
+    }
+
+    #[test]
+    fn escaped_field_names_and_number_kinds_are_checked_like_plain_ones() {
+        let c = catalog();
+        // An extra field whose name needs an escape: valid JSON, accepted.
+        let mut r = row("money.wallet.credited", credited());
+        r.payload =
+            r#"{"txId": "t", "userId": "u\u00e9", "amountCents": 5, "currency": "USD", "a\"b": 1}"#
+                .into();
+        let p = prepare(&r, &c, "", 1_000_000).unwrap();
+        assert_eq!(p.key, "u\u{e9}");
+        let v: Value = serde_json::from_slice(&p.value).unwrap();
+        assert_eq!(v["data"]["a\"b"], 1);
+
+        let mut r = row("files.file.uploaded", json!({}));
+        r.publisher = Some("file-storage".into());
+        r.payload =
+            json!({"fileId": 4.5, "userId": "u", "bucket": "b", "key": "k", "size": 1}).to_string();
+        let e = prepare(&r, &c, "", 1_000_000).unwrap_err();
+        assert_eq!(e.reason, DlqReason::MissingPartitionKey);
+        assert!(e.message.contains("non-integer number"), "{}", e.message);
+        r.payload = json!({"fileId": "f", "userId": "u", "bucket": "b", "key": "k", "size": 1.5})
+            .to_string();
+        let e = prepare(&r, &c, "", 1_000_000).unwrap_err();
+        assert_eq!(e.message, "$.size: expected integer, found number");
     }
 
     #[test]

@@ -11,7 +11,6 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
@@ -128,17 +127,11 @@ pub struct Produced {
 
 /// Queues every message of a batch, in order, without waiting for Kafka:
 /// the order of these calls is the order within each Kafka partition.
-pub async fn produce(producer: &RelayProducer, batch: &[Prepared]) -> Produced {
+pub async fn produce(producer: &RelayProducer, batch: &mut [Prepared]) -> Produced {
     let mut results: Vec<Option<Result<Ack, KafkaError>>> = Vec::with_capacity(batch.len());
     let mut pending = Vec::with_capacity(batch.len());
-    for (i, msg) in batch.iter().enumerate() {
-        let mut headers = OwnedHeaders::new_with_capacity(msg.headers.len());
-        for (name, value) in &msg.headers {
-            headers = headers.insert(Header {
-                key: name,
-                value: Some(value.as_bytes()),
-            });
-        }
+    for (i, msg) in batch.iter_mut().enumerate() {
+        let headers = msg.headers.take().unwrap_or_default();
         let mut record = FutureRecord::to(&msg.topic)
             .key(msg.key.as_bytes())
             .payload(&msg.value)

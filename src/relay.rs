@@ -271,7 +271,7 @@ impl Relay {
             None => HashMap::new(),
         };
         let producer = self.producer();
-        let produced = publish::produce(&producer, &ready).await;
+        let produced = publish::produce(&producer, &mut ready).await;
         let max_id = rows.iter().map(|r| r.id).max().unwrap_or(0);
         Ok(Some(InFlight {
             tx,
@@ -462,12 +462,15 @@ impl Relay {
             return Err(err.into());
         }
 
-        let acked_set: std::collections::HashSet<i64> = acked.iter().copied().collect();
-        let mut published_by: HashMap<(&str, &str), u64> = HashMap::new();
+        // A handful of (type, topic) pairs per batch: a linear scan beats hashing.
+        let acked_set: std::collections::BTreeSet<i64> = acked.iter().copied().collect();
+        let mut published_by: Vec<((&str, &str), u64)> = Vec::new();
         for msg in ready.iter().filter(|m| acked_set.contains(&m.id)) {
-            *published_by
-                .entry((msg.def.event_type.as_str(), msg.topic.as_str()))
-                .or_default() += 1;
+            let pair = (msg.def.event_type.as_str(), msg.topic.as_str());
+            match published_by.iter_mut().find(|(p, _)| *p == pair) {
+                Some((_, n)) => *n += 1,
+                None => published_by.push((pair, 1)),
+            }
         }
         for ((event_type, topic), n) in published_by {
             metrics::published(self.source(), event_type, topic, n);

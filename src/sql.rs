@@ -71,6 +71,10 @@ pub async fn connect_relay(
     let options = PgConnectOptions::from_str(url)?
         .application_name("outbox-relay")
         .options([
+            // A commit lost in a server crash only brings acknowledged rows
+            // back, to be published again with the same ids: at-least-once
+            // holds without waiting for the WAL flush on every batch.
+            ("synchronous_commit", "off".to_string()),
             ("lock_timeout", "2s".to_string()),
             (
                 "idle_in_transaction_session_timeout",
@@ -160,7 +164,7 @@ pub async fn unclaim(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> sqlx::R
 }
 
 /// The partitions of `vpartitions` still leased to `relay` under the given
-/// epochs; locks those leases against a change of owner until commit.
+/// epochs (see `outbox_lease_fence` for why no lock is taken).
 pub async fn lease_fence(
     tx: &mut PgConnection,
     relay: &str,
