@@ -65,6 +65,7 @@ use crate::catalog::Catalog;
 use crate::config::KafkaSettings;
 use crate::metrics;
 use crate::publish::client_config;
+use crate::sql;
 
 /// The error a handler returns; any error type converts with `?`.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -595,13 +596,7 @@ impl Consumer {
     /// Fails start-up with a clear message when the dedupe table is missing
     /// or this role may not write it, instead of retrying every event.
     async fn check_schema(&self) -> Result<(), ConsumerError> {
-        let (exists, can_insert): (bool, bool) = sqlx::query_as(
-            "SELECT to_regclass('processed_event_ids') IS NOT NULL, \
-                    CASE WHEN to_regclass('processed_event_ids') IS NULL THEN false \
-                         ELSE has_table_privilege('processed_event_ids', 'INSERT') END",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let (exists, can_insert) = sql::dedupe_table_access(&self.pool).await?;
         if !exists {
             return Err(ConsumerError::Schema(
                 "table processed_event_ids does not exist in this database; run `outbox-relay migrate` against it".into(),
@@ -727,18 +722,9 @@ impl Consumer {
     /// `Ok(false)`: a duplicate, nothing done.
     async fn attempt(&self, handler: &dyn Handler, event: &Event) -> Result<bool, AttemptError> {
         let mut tx = self.pool.begin().await?;
-        // No conflict target and no RETURNING: the consumer role needs
-        // INSERT only. A concurrent delivery of the same event waits here
-        // for the other transaction, then sees the row.
-        let new = sqlx::query(
-            "INSERT INTO processed_event_ids (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-        )
-        .bind(&self.settings.name)
-        .bind(&event.id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
+        // A concurrent delivery of the same event waits here for the other
+        // transaction, then sees the row.
+        let new = sql::mark_processed(&mut tx, &self.settings.name, &event.id).await?;
         if !new {
             tx.rollback().await?;
             return Ok(false);
@@ -756,27 +742,21 @@ impl Consumer {
 
     async fn park(&self, event: &Event, err: &AttemptError, attempts: u32) -> sqlx::Result<()> {
         let envelope = serde_json::to_value(event).unwrap_or(Value::Null);
-        sqlx::query(
-            "INSERT INTO consumer_parked_events \
-                 (consumer, event_id, event_type, topic, \"partition\", \"offset\", envelope, last_error, attempts) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
-             ON CONFLICT (consumer, event_id) DO UPDATE SET \
-                 topic = EXCLUDED.topic, \"partition\" = EXCLUDED.\"partition\", \"offset\" = EXCLUDED.\"offset\", \
-                 last_error = EXCLUDED.last_error, \
-                 attempts = consumer_parked_events.attempts + EXCLUDED.attempts, parked_at = now()",
+        sql::park_event(
+            &self.pool,
+            &sql::ParkedEvent {
+                consumer: &self.settings.name,
+                event_id: &event.id,
+                event_type: &event.event_type,
+                topic: &event.delivery.topic,
+                partition: event.delivery.partition,
+                offset: event.delivery.offset,
+                envelope,
+                error: err.to_string(),
+                attempts: attempts as i32,
+            },
         )
-        .bind(&self.settings.name)
-        .bind(&event.id)
-        .bind(&event.event_type)
-        .bind(&event.delivery.topic)
-        .bind(event.delivery.partition)
-        .bind(event.delivery.offset)
-        .bind(envelope)
-        .bind(err.to_string())
-        .bind(attempts as i32)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        .await
     }
 }
 

@@ -216,18 +216,13 @@ impl Relay {
         }
         let started = Instant::now();
         let mut tx = self.pool.begin().await?;
-        let rows = match &usable {
-            Some(u) => {
-                sql::claim_partitions(
-                    &mut tx,
-                    relay.batch_size as i64,
-                    &u.vpartitions,
-                    after.unwrap_or(0),
-                )
-                .await?
-            }
-            None => sql::claim(&mut tx, relay.batch_size as i64, after.unwrap_or(0)).await?,
-        };
+        let rows = sql::claim(
+            &mut tx,
+            relay.batch_size as i64,
+            usable.as_ref().map(|u| u.vpartitions.as_slice()),
+            after.unwrap_or(0),
+        )
+        .await?;
         let claimed_in = started.elapsed();
         if rows.is_empty() {
             tx.rollback().await?;

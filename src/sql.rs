@@ -92,59 +92,44 @@ pub async fn connect_relay(
 const CLAIMED_COLUMNS: &str = "id, event_id, event_type, tenant_id, payload::text AS payload, \
      headers::text AS headers, occurred_at, attempts, publisher, vpartition";
 
-/// Claims up to `limit` due rows above `after_id` in ordering-id order and deletes them in
+/// Claims up to `limit` due rows above `after_id` in ordering-id order —
+/// of the given virtual partitions when leases are on — and deletes them in
 /// one statement, inside a savepoint of the still-open transaction: nothing
 /// is removed until that transaction commits after Kafka acknowledged the
-/// batch, and [`unclaim`] undoes the delete when some rows must stay.
-/// Other relays skip the locked rows. Rows come back in ordering-id order.
+/// batch, and [`unclaim`] undoes the delete when some rows must stay. Rows
+/// come back in ordering-id order.
+///
+/// Without leases, other relays skip the locked rows (SKIP LOCKED). With
+/// leases there is no SKIP LOCKED: a row still locked by a relay that lost
+/// its lease must hold the batch back (until `lock_timeout`), never be
+/// jumped over, or a later event of the same key would overtake it.
 pub async fn claim(
     tx: &mut Transaction<'_, Postgres>,
     limit: i64,
+    vpartitions: Option<&[i16]>,
     after_id: i64,
 ) -> sqlx::Result<Vec<OutboxRow>> {
+    let (filter, lock) = match vpartitions {
+        Some(_) => ("AND vpartition = ANY($3)", "FOR UPDATE"),
+        None => ("", "FOR UPDATE SKIP LOCKED"),
+    };
     sqlx::query("SAVEPOINT claim").execute(&mut **tx).await?;
-    let mut rows = sqlx::query_as::<_, OutboxRow>(&format!(
+    let sql = format!(
         "DELETE FROM outbox WHERE id IN ( \
              SELECT id FROM outbox \
-              WHERE id > $2 AND available_at <= now() \
+              WHERE id > $2 AND available_at <= now() {filter} \
               ORDER BY id \
               LIMIT $1 \
-              FOR UPDATE SKIP LOCKED) \
+              {lock}) \
          RETURNING {CLAIMED_COLUMNS}"
-    ))
-    .bind(limit)
-    .bind(after_id)
-    .fetch_all(&mut **tx)
-    .await?;
-    rows.sort_unstable_by_key(|r| r.id);
-    Ok(rows)
-}
-
-/// [`claim`] for the given virtual partitions, above `after_id`. Without
-/// SKIP LOCKED: a row still locked by a relay that lost its lease must hold
-/// the batch back (until `lock_timeout`), never be jumped over, or a later
-/// event of the same key would overtake it.
-pub async fn claim_partitions(
-    tx: &mut Transaction<'_, Postgres>,
-    limit: i64,
-    vpartitions: &[i16],
-    after_id: i64,
-) -> sqlx::Result<Vec<OutboxRow>> {
-    sqlx::query("SAVEPOINT claim").execute(&mut **tx).await?;
-    let mut rows = sqlx::query_as::<_, OutboxRow>(&format!(
-        "DELETE FROM outbox WHERE id IN ( \
-             SELECT id FROM outbox \
-              WHERE vpartition = ANY($2) AND id > $3 AND available_at <= now() \
-              ORDER BY id \
-              LIMIT $1 \
-              FOR UPDATE) \
-         RETURNING {CLAIMED_COLUMNS}"
-    ))
-    .bind(limit)
-    .bind(vpartitions)
-    .bind(after_id)
-    .fetch_all(&mut **tx)
-    .await?;
+    );
+    let mut query = sqlx::query_as::<_, OutboxRow>(&sql)
+        .bind(limit)
+        .bind(after_id);
+    if let Some(vps) = vpartitions {
+        query = query.bind(vps);
+    }
+    let mut rows = query.fetch_all(&mut **tx).await?;
     rows.sort_unstable_by_key(|r| r.id);
     Ok(rows)
 }
@@ -516,4 +501,117 @@ pub async fn relays(pool: &PgPool) -> sqlx::Result<Vec<RelayRow>> {
     )
     .fetch_all(pool)
     .await
+}
+
+/// Inserts one event row, as a writer (see `writer::enqueue`). No RETURNING
+/// and no conflict target: both need SELECT, and a writer role has INSERT
+/// privilege only. The only unique key a writer can hit is the event id
+/// (the ordering id is generated), so a repeated insert is a no-op.
+pub async fn insert_event(
+    conn: &mut PgConnection,
+    event_id: &str,
+    event_type: &str,
+    tenant_id: Option<&str>,
+    payload: serde_json::Value,
+    headers: Option<serde_json::Value>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, event_type, tenant_id, payload, headers) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(event_id)
+    .bind(event_type)
+    .bind(tenant_id)
+    .bind(payload)
+    .bind(headers)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The database's clock, the partition count, and the partitions with a live lease.
+pub async fn lease_totals(pool: &PgPool) -> sqlx::Result<(DateTime<Utc>, i64, i64)> {
+    sqlx::query_as(
+        "SELECT now(), count(*), \
+                count(*) FILTER (WHERE owner IS NOT NULL AND expires_at > now()) \
+           FROM outbox_leases",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Live leases per owner.
+pub async fn leases_by_owner(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as(
+        "SELECT owner, count(*) FROM outbox_leases \
+          WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Whether `processed_event_ids` exists, and whether this role may insert into it.
+pub async fn dedupe_table_access(pool: &PgPool) -> sqlx::Result<(bool, bool)> {
+    sqlx::query_as(
+        "SELECT to_regclass('processed_event_ids') IS NOT NULL, \
+                CASE WHEN to_regclass('processed_event_ids') IS NULL THEN false \
+                     ELSE has_table_privilege('processed_event_ids', 'INSERT') END",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Records that `consumer` processed `event_id`; false when it already had.
+/// No conflict target and no RETURNING: the consumer role needs INSERT only.
+pub async fn mark_processed(
+    tx: &mut PgConnection,
+    consumer: &str,
+    event_id: &str,
+) -> sqlx::Result<bool> {
+    Ok(sqlx::query(
+        "INSERT INTO processed_event_ids (consumer, event_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(event_id)
+    .execute(tx)
+    .await?
+    .rows_affected()
+        == 1)
+}
+
+/// An event the consumer kit gave up on (its `Park` policy).
+pub struct ParkedEvent<'a> {
+    pub consumer: &'a str,
+    pub event_id: &'a str,
+    pub event_type: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub envelope: serde_json::Value,
+    pub error: String,
+    pub attempts: i32,
+}
+
+pub async fn park_event(pool: &PgPool, e: &ParkedEvent<'_>) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO consumer_parked_events \
+             (consumer, event_id, event_type, topic, \"partition\", \"offset\", envelope, last_error, attempts) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+         ON CONFLICT (consumer, event_id) DO UPDATE SET \
+             topic = EXCLUDED.topic, \"partition\" = EXCLUDED.\"partition\", \"offset\" = EXCLUDED.\"offset\", \
+             last_error = EXCLUDED.last_error, \
+             attempts = consumer_parked_events.attempts + EXCLUDED.attempts, parked_at = now()",
+    )
+    .bind(e.consumer)
+    .bind(e.event_id)
+    .bind(e.event_type)
+    .bind(e.topic)
+    .bind(e.partition)
+    .bind(e.offset)
+    .bind(&e.envelope)
+    .bind(&e.error)
+    .bind(e.attempts)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

@@ -108,22 +108,8 @@ pub async fn collect(pool: &PgPool, source: &str) -> sqlx::Result<SourceStatus> 
         .into_iter()
         .map(|(reason, events)| DlqCount { reason, events })
         .collect();
-    // Read-only look-ups used by this report alone.
-    let (db_now, partitions, owned): (DateTime<Utc>, i64, i64) = sqlx::query_as(
-        "SELECT now(), count(*), \
-                count(*) FILTER (WHERE owner IS NOT NULL AND expires_at > now()) \
-           FROM outbox_leases",
-    )
-    .fetch_one(pool)
-    .await?;
-    let held: BTreeMap<String, i64> = sqlx::query_as(
-        "SELECT owner, count(*) FROM outbox_leases \
-          WHERE owner IS NOT NULL AND expires_at > now() GROUP BY owner",
-    )
-    .fetch_all(pool)
-    .await?
-    .into_iter()
-    .collect();
+    let (db_now, partitions, owned) = sql::lease_totals(pool).await?;
+    let held: BTreeMap<String, i64> = sql::leases_by_owner(pool).await?.into_iter().collect();
     let relays: Vec<RelayStatus> = sql::relays(pool)
         .await?
         .into_iter()

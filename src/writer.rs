@@ -80,19 +80,14 @@ pub async fn enqueue_with<E: Event>(
         .context
         .map(|c| serde_json::to_value(c).map_err(|e| sqlx::Error::Encode(Box::new(e))))
         .transpose()?;
-    // No RETURNING and no conflict target: both need SELECT, and a writer
-    // role has INSERT privilege only. The only unique key a writer can hit
-    // is the event id (the ordering id is generated).
-    sqlx::query(
-        "INSERT INTO outbox (event_id, event_type, tenant_id, payload, headers) \
-         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    crate::sql::insert_event(
+        conn,
+        &event_id,
+        E::EVENT_TYPE,
+        tenant.as_deref(),
+        payload,
+        headers,
     )
-    .bind(&event_id)
-    .bind(E::EVENT_TYPE)
-    .bind(tenant)
-    .bind(payload)
-    .bind(headers)
-    .execute(conn)
     .await?;
     Ok(event_id)
 }

@@ -14,6 +14,8 @@ use serde_json::json;
 
 const TTL_MS: u64 = 3000;
 const RENEW_MS: u64 = 1000;
+const BATCH: usize = 200;
+const DEPTH: usize = 3;
 
 fn lease_env() -> Vec<(&'static str, String)> {
     vec![
@@ -23,7 +25,8 @@ fn lease_env() -> Vec<(&'static str, String)> {
             RENEW_MS.to_string(),
         ),
         ("OUTBOX_RELAY_KAFKA__MESSAGE_TIMEOUT_MS", "3000".into()),
-        ("OUTBOX_RELAY_RELAY__BATCH_SIZE", "200".into()),
+        ("OUTBOX_RELAY_RELAY__BATCH_SIZE", BATCH.to_string()),
+        ("OUTBOX_RELAY_RELAY__PIPELINE_DEPTH", DEPTH.to_string()),
     ]
 }
 
@@ -160,13 +163,16 @@ async fn three_relays_killed_and_restarted_keep_per_key_order() {
         .await,
         "outbox drained"
     );
-    let (owners, unowned) = lease_owners(&env).await;
-    assert_eq!(unowned, 0);
-    assert_eq!(
-        owners.len(),
-        3,
-        "a restarted relay receives its share: {owners:?}"
-    );
+    // A relay that joins receives its share within a few lease periods.
+    let shared = eventually(Duration::from_millis(RENEW_MS * 6), || async {
+        let (owners, unowned) = lease_owners(&env).await;
+        unowned == 0
+            && owners.len() == 3
+            && owners.values().all(|n| *n <= 256_u32.div_ceil(3) as i64)
+    })
+    .await;
+    let (owners, _) = lease_owners(&env).await;
+    assert!(shared, "every relay holds its fair share: {owners:?}");
     for r in &relays {
         signal(r, Signal::SIGTERM);
     }
@@ -292,8 +298,8 @@ async fn a_paused_relay_is_fenced_out_after_another_takes_over() {
         written.len(),
         got.len()
     );
-    // Only a batch in flight at the pause may be delivered twice.
-    assert!(duplicates <= 200, "{duplicates} duplicates");
+    // Only the batches in flight at the pause may be delivered twice.
+    assert!(duplicates <= BATCH * DEPTH, "{duplicates} duplicates");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
