@@ -11,7 +11,9 @@
 # interleaved, each on an emptied outbox after a checkpoint, and the median of
 # the rounds is reported, so a noisy neighbour skews both sides alike.
 # Variants: `all` = every insert trigger enabled; `no_publisher` = only
-# outbox_stamp_publisher disabled; `none` = every user trigger disabled.
+# outbox_stamp_publisher disabled; `none` = every user trigger disabled;
+# `notify` = every trigger plus the optional NOTIFY wake-ups
+# (outbox_enable_notify()).
 # The tax is no_publisher → all. Because tx/s on a shared machine is noisy,
 # the trigger's own CPU time per row is printed too (EXPLAIN ANALYZE).
 set -euo pipefail
@@ -66,9 +68,10 @@ INSERT INTO outbox (event_type, payload) VALUES ('money.wallet.credited',
 SQL
 
 prepare() {
-  on_db -c "ALTER TABLE outbox ENABLE TRIGGER USER"
+  on_db -c "ALTER TABLE outbox ENABLE TRIGGER USER" -c "SELECT FROM outbox_disable_notify()"
   case "$1" in
     all) ;;
+    notify) on_db -c "SELECT FROM outbox_enable_notify()" ;;
     no_publisher) on_db -c "ALTER TABLE outbox DISABLE TRIGGER outbox_stamp_publisher" ;;
     none) on_db -c "ALTER TABLE outbox DISABLE TRIGGER USER" ;;
   esac
@@ -91,7 +94,7 @@ run() {
     sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p'
 }
 
-variants=(all no_publisher none)
+variants=(all no_publisher none notify)
 for v in "${variants[@]}"; do : >"$work/$v"; done
 : >"$work/trigger_ms"
 for round in $(seq 1 "$ROUNDS"); do
@@ -100,8 +103,8 @@ for round in $(seq 1 "$ROUNDS"); do
   [[ -n "$ms" ]] || die "EXPLAIN ANALYZE printed no time for outbox_stamp_publisher"
   echo "$ms" >>"$work/trigger_ms"
   # Rotate the order so no variant always runs first (or last) in a round.
-  for i in 0 1 2; do
-    v="${variants[$(((i + round) % 3))]}"
+  for i in "${!variants[@]}"; do
+    v="${variants[$(((i + round) % ${#variants[@]}))]}"
     prepare "$v"
     tps="$(run)"
     [[ -n "$tps" ]] || die "pgbench printed no tps for variant $v"
@@ -114,13 +117,16 @@ median() { sort -n "$1" | awk '{a[NR]=$1} END {print (NR % 2) ? a[(NR+1)/2] : (a
 all="$(median "$work/all")"
 no_pub="$(median "$work/no_publisher")"
 none="$(median "$work/none")"
+notify="$(median "$work/notify")"
 tax="$(awk -v a="$all" -v b="$no_pub" 'BEGIN {printf "%.1f", (b - a) / b * 100}')"
 printf 'clients=%s rounds=%s seconds=%s (medians, single-row INSERT transactions/s)\n' \
   "$CLIENTS" "$ROUNDS" "$SECONDS_PER_RUN"
 printf '  with every insert trigger           %10.1f tx/s\n' "$all"
 printf '  without outbox_stamp_publisher      %10.1f tx/s\n' "$no_pub"
 printf '  without any insert trigger          %10.1f tx/s\n' "$none"
+printf '  every trigger + NOTIFY wake-ups     %10.1f tx/s\n' "$notify"
 printf 'publisher trigger writer tax: %s %%\n' "$tax"
+printf 'NOTIFY wake-ups writer tax: %s %%\n' "$(awk -v a="$notify" -v b="$all" 'BEGIN {printf "%.1f", (b - a) / b * 100}')"
 # The least of the rounds: contention only ever adds time.
 printf 'outbox_stamp_publisher CPU per row: %s us (EXPLAIN ANALYZE, 20000-row insert, best of %s)\n' \
   "$(sort -n "$work/trigger_ms" | head -1 | awk '{printf "%.1f", $1 * 1000 / 20000}')" "$ROUNDS"

@@ -16,7 +16,7 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, ExitStatus};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -101,7 +101,7 @@ async fn new_env() -> TestEnv {
 
 /// The `outbox-relay run` binary with its JSON log collected line by line.
 struct RelayProcess {
-    child: Child,
+    child: Spawned,
     logs: Arc<Mutex<Vec<Value>>>,
 }
 

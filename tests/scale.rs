@@ -4,7 +4,6 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -30,13 +29,13 @@ fn lease_env() -> Vec<(&'static str, String)> {
     ]
 }
 
-fn spawn(env: &TestEnv) -> Child {
+fn spawn(env: &TestEnv) -> Spawned {
     let vars = lease_env();
     let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
     env.spawn_process(&refs)
 }
 
-fn signal(child: &Child, sig: Signal) {
+fn signal(child: &std::process::Child, sig: Signal) {
     kill(Pid::from_raw(child.id() as i32), sig).unwrap();
 }
 
@@ -135,7 +134,7 @@ async fn three_relays_killed_and_restarted_keep_per_key_order() {
     let total = 50_000;
     let keys = 500;
     let topic = env.topic("platform.notify.events");
-    let mut relays: Vec<Child> = (0..3).map(|_| spawn(&env)).collect();
+    let mut relays: Vec<Spawned> = (0..3).map(|_| spawn(&env)).collect();
     let mut written = Vec::new();
     let mut failovers = Vec::new();
     for round in 0..10 {

@@ -438,7 +438,7 @@ async fn scrape(port: u16) -> String {
 }
 
 /// Stops a relay process with SIGTERM; returns its stderr (JSON log lines).
-fn stop(mut child: std::process::Child) -> String {
+fn stop(mut child: Spawned) -> String {
     kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
     let status = child.wait().unwrap();
     let mut stderr = String::new();

@@ -231,7 +231,7 @@ impl TestEnv {
     }
 
     /// Starts the real `outbox-relay run` binary against this environment.
-    pub fn spawn_process(&self, extra_env: &[(&str, &str)]) -> Child {
+    pub fn spawn_process(&self, extra_env: &[(&str, &str)]) -> Spawned {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
         cmd.arg("run")
             .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -245,7 +245,33 @@ impl TestEnv {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        cmd.spawn().expect("starting outbox-relay")
+        Spawned(cmd.spawn().expect("starting outbox-relay"))
+    }
+}
+
+/// A child process that is killed when dropped, so that a failing test never
+/// leaves a relay running (and polling, and holding leases) behind it.
+pub struct Spawned(pub Child);
+
+impl std::ops::Deref for Spawned {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
     }
 }
 
