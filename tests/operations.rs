@@ -914,15 +914,19 @@ async fn topics_ensure_creates_with_catalog_retention_and_applies_drift_only_whe
     }
     assert_eq!(created[&auth]["retention_ms"], 7 * DAY_MS);
     assert_eq!(created[&audit]["retention_ms"], 30 * DAY_MS);
-    // Read back from the broker.
-    assert_eq!(
-        topics::retention_ms(&settings, &auth).await.unwrap(),
-        Some(7 * DAY_MS)
-    );
-    assert_eq!(
-        topics::retention_ms(&settings, &audit).await.unwrap(),
-        Some(30 * DAY_MS)
-    );
+    // Read back from the broker, which serves a new topic's configuration
+    // a moment after the controller created it.
+    for (topic, days) in [(&auth, 7), (&audit, 30)] {
+        let mut read = None;
+        for _ in 0..100 {
+            read = topics::retention_ms(&settings, topic).await.unwrap();
+            if read.is_some() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(read, Some(days * DAY_MS), "{topic}");
+    }
     assert_eq!(partition_count(&settings, &auth).await, 2);
 
     let again = ensure(&[], "2");
