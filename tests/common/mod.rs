@@ -285,6 +285,14 @@ pub async fn read(consumer: &StreamConsumer, n: usize, timeout: Duration) -> Vec
         }
         match tokio::time::timeout(left, consumer.recv()).await {
             Ok(Ok(m)) => out.push(received(&m)),
+            // A topic created a moment ago may not be in the consumer's
+            // metadata yet: it catches up on its own.
+            Ok(Err(e))
+                if e.rdkafka_error_code()
+                    == Some(rdkafka::error::RDKafkaErrorCode::UnknownTopicOrPartition) =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
             Ok(Err(e)) => panic!("consumer error: {e}"),
             Err(_) => break,
         }
