@@ -996,28 +996,16 @@ async fn topics_ensure_creates_with_catalog_retention_and_applies_drift_only_whe
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_event_id_and_type_of_a_dead_lettered_event() {
-    use nix::sys::signal::{kill, Signal};
-    use nix::unistd::Pid;
-    use std::io::Read;
-
     let env = TestEnv::new().await;
     let id = env
         .insert("auth.user.created", json!({"email": "x@example.com"}))
         .await;
-    let mut child = env.spawn_process(&[("OUTBOX_RELAY_LOG__FORMAT", "json")]);
+    let child = env.spawn_process(&[("OUTBOX_RELAY_LOG__FORMAT", "json")]);
     let dead = eventually(Duration::from_secs(30), || async {
         env.dlq_count().await == 1
     })
     .await;
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (status, stderr) = child.terminate();
     assert!(dead, "not dead-lettered; stderr:\n{stderr}");
     assert!(status.success(), "{status:?}\n{stderr}");
     let lines: Vec<Value> = stderr

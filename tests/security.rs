@@ -5,12 +5,9 @@
 
 mod common;
 
-use std::io::Read;
 use std::time::Duration;
 
 use common::*;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use outbox_relay::catalog::Catalog;
 use outbox_relay::sql;
 use serde_json::{json, Value};
@@ -438,16 +435,8 @@ async fn scrape(port: u16) -> String {
 }
 
 /// Stops a relay process with SIGTERM; returns its stderr (JSON log lines).
-fn stop(mut child: Spawned) -> String {
-    kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-    let status = child.wait().unwrap();
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+fn stop(child: Spawned) -> String {
+    let (status, stderr) = child.terminate();
     assert!(status.success(), "relay exit {status:?}: {stderr}");
     stderr
 }

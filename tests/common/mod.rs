@@ -266,6 +266,25 @@ impl std::ops::DerefMut for Spawned {
     }
 }
 
+impl Spawned {
+    /// Stops the process with SIGTERM (a graceful shutdown) and returns its
+    /// exit status and everything it wrote to stderr.
+    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
+        use std::io::Read;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.0.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let status = self.0.wait().unwrap();
+        let mut stderr = String::new();
+        if let Some(mut pipe) = self.0.stderr.take() {
+            pipe.read_to_string(&mut stderr).unwrap();
+        }
+        (status, stderr)
+    }
+}
+
 impl Drop for Spawned {
     fn drop(&mut self) {
         if let Ok(None) = self.0.try_wait() {
