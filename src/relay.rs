@@ -224,11 +224,11 @@ impl Relay {
         )
         .await?;
         let claimed_in = started.elapsed();
+        metrics::batch(rows.len(), claimed_in);
         if rows.is_empty() {
             tx.rollback().await?;
             return Ok(None);
         }
-        metrics::batch(rows.len(), claimed_in);
 
         let mut dead = Dead::default();
         let mut ready: Vec<Prepared> = Vec::with_capacity(rows.len());
