@@ -457,10 +457,16 @@ impl Relay {
             return Err(err.into());
         }
 
-        // A handful of (type, topic) pairs per batch: a linear scan beats hashing.
-        let acked_set: std::collections::BTreeSet<i64> = acked.iter().copied().collect();
+        // `acked` is a subsequence of `ready` (both in claim order), so one
+        // walk pairs them without building a set. A handful of (type, topic)
+        // pairs per batch: a linear scan beats hashing.
+        let mut next_acked = acked.iter().peekable();
         let mut published_by: Vec<((&str, &str), u64)> = Vec::new();
-        for msg in ready.iter().filter(|m| acked_set.contains(&m.id)) {
+        for msg in ready.iter() {
+            if next_acked.peek() != Some(&&msg.id) {
+                continue;
+            }
+            next_acked.next();
             let pair = (msg.def.event_type.as_str(), msg.topic.as_str());
             match published_by.iter_mut().find(|(p, _)| *p == pair) {
                 Some((_, n)) => *n += 1,
