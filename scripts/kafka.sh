@@ -37,7 +37,11 @@ CLUSTER_ID_FILE="$KSTATE/cluster.id"
 FORMAT_MARK="$KSTATE/formatted-controller-port"
 
 BOOTSTRAP="127.0.0.1:$OUTBOX_KAFKA_PORT"
+# A broker with many partitions on disk spends minutes loading them before it
+# opens its port. START_TIMEOUT is how long it may go without writing a log
+# line; START_MAX bounds the whole start-up however busy it looks.
 START_TIMEOUT="${OUTBOX_KAFKA_START_TIMEOUT:-120}"
+START_MAX="${OUTBOX_KAFKA_START_MAX:-900}"
 STOP_TIMEOUT=30
 
 JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
@@ -196,16 +200,34 @@ fail_start() {
   die "$1; see $SERVER_LOG and $STDOUT_LOG"
 }
 
+log_size() { stat -c %s "$SERVER_LOG" 2>/dev/null || echo 0; }
+
 wait_ready() {
-  local pid="$1" deadline=$((SECONDS + START_TIMEOUT)) t0
+  local pid="$1" deadline=$((SECONDS + START_TIMEOUT)) hard=$((SECONDS + START_MAX)) t0
+  local size last_size next_note=$((SECONDS + 30))
   t0=$(now_ms)
+  last_size="$(log_size)"
   # The broker opens its client port only once it is unfenced, so a TCP connect
   # is a cheap, good signal; each JVM-based check costs ~1-2 s.
   until tcp_open 127.0.0.1 "$OUTBOX_KAFKA_PORT"; do
     is_our_broker "$pid" || fail_start "the Kafka broker (pid $pid) exited during start-up"
-    ((SECONDS < deadline)) || fail_start "Kafka did not open $BOOTSTRAP within ${START_TIMEOUT}s"
+    size="$(log_size)"
+    if [[ "$size" != "$last_size" ]]; then
+      # Still loading logs or replaying metadata: that is progress, not a hang.
+      last_size="$size"
+      deadline=$((SECONDS + START_TIMEOUT))
+    fi
+    ((SECONDS < deadline)) ||
+      fail_start "Kafka did not open $BOOTSTRAP and wrote nothing to its log for ${START_TIMEOUT}s"
+    ((SECONDS < hard)) ||
+      fail_start "Kafka did not open $BOOTSTRAP within ${START_MAX}s (OUTBOX_KAFKA_START_MAX); 'scripts/sweep.sh' removes test topics left behind by earlier runs"
+    if ((SECONDS >= next_note)); then
+      log "still starting after $(( ($(now_ms) - t0) / 1000 ))s: loading $(find "$DATA_DIR" -mindepth 1 -maxdepth 1 -type d -name '*-[0-9]*' | wc -l) partition directories"
+      next_note=$((SECONDS + 30))
+    fi
     sleep 0.2
   done
+  deadline=$((SECONDS + START_TIMEOUT))
   # One real metadata round trip through the admin client.
   local check_log="$LOG_DIR/ready-check.log"
   until timeout 30 "$JAVA" "${TOOL_JVM_OPTS[@]}" -cp "$LIBS/*" org.apache.kafka.tools.TopicCommand \

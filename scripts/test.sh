@@ -12,6 +12,10 @@ source "$SCRIPT_DIR/lib.sh"
 bash scripts/deps.sh
 bash scripts/services.sh up
 eval "$(bash scripts/services.sh env)"
+# Each test makes its own database and topics; left to pile up they slow every
+# later broker start (see scripts/sweep.sh).
+bash scripts/sweep.sh
+trap 'bash scripts/sweep.sh || true' EXIT
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
