@@ -164,6 +164,15 @@ impl BenchEnv {
         Ok(())
     }
 
+    /// Cleans up the dead rows a previous phase left in `table`, so each
+    /// phase starts from the same table (Debezium's is truncated instead).
+    pub async fn vacuum(&self, table: &str) -> Result<()> {
+        sqlx::query(&format!("VACUUM (ANALYZE) {table}"))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn outbox_empty(&self) -> Result<bool> {
         Ok(
             sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox)")

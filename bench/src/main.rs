@@ -583,6 +583,11 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
             continue;
         }
         let run = RelayRun::start(ctx, mode, true)?;
+        // The same warm-up as Debezium's: both are measured as long-running
+        // processes, not in their first seconds (connection pools, plan
+        // caches, producer metadata, the JIT).
+        warm_up(ctx, Shape::Relay, &wm, "outbox-relay").await?;
+        ctx.env.vacuum("outbox").await?;
         // Let the relay settle into its idle loop before the first event.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let result = load_phase(ctx, &Driver::Relay, &wm, &prefix, mode).await;
@@ -607,6 +612,31 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         }
     }
     Ok(peer)
+}
+
+/// Paced load that is not measured, so that each peer is measured as a
+/// long-running process: `warmup_secs` at up to 2000 events/s, until Kafka
+/// holds all of it.
+async fn warm_up(ctx: &Ctx, shape: Shape, wm: &Arc<Watermarks>, name: &str) -> Result<()> {
+    let before = tokio::task::block_in_place(|| wm.read())?;
+    let spec = WriteSpec {
+        shape,
+        writers: ctx.params.steady_writers,
+        rate: Some(ctx.params.steady_rate.min(2000.0)),
+        duration: Duration::from_secs_f64(ctx.params.warmup_secs),
+        returning: true,
+    };
+    let w = write(&ctx.env.db_url, ctx.env.mix.clone(), ctx.seq.clone(), spec).await?;
+    check_errors(&w, shape.table())?;
+    wait_appended(
+        wm,
+        before.total() + w.commits.len() as i64,
+        Duration::from_secs(300),
+    )
+    .await
+    .with_context(|| format!("{name} warm-up: events did not reach Kafka"))?;
+    eprintln!("[bench] {name} warm-up: {} events delivered", w.commits.len());
+    Ok(())
 }
 
 fn drain_integrity(n: u64, rb: &kafka::ReadBack) -> Integrity {
@@ -755,29 +785,8 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         max_rate_without: rate_without,
     };
     let result: Result<()> = async {
-        // Warm-up, not measured: a long-running connector's JIT is warm.
-        let before = wm.read()?;
-        let spec = WriteSpec {
-            shape: Shape::Debezium,
-            writers: ctx.params.steady_writers,
-            rate: Some(ctx.params.steady_rate.min(2000.0)),
-            duration: Duration::from_secs_f64(ctx.params.warmup_secs),
-            returning: true,
-        };
-        let w = write(&ctx.env.db_url, ctx.env.mix.clone(), ctx.seq.clone(), spec).await?;
-        check_errors(&w, "dbz_outbox")?;
-        wait_appended(
-            &wm,
-            before.total() + w.commits.len() as i64,
-            Duration::from_secs(300),
-        )
-        .await
-        .context("Debezium warm-up: events did not reach Kafka")?;
+        warm_up(ctx, Shape::Debezium, &wm, "Debezium").await?;
         ctx.env.truncate("dbz_outbox").await?;
-        eprintln!(
-            "[bench] Debezium warm-up: {} events delivered",
-            w.commits.len()
-        );
         for mode in ["idle", "steady", "max"] {
             if !ctx.mode(mode) {
                 continue;
