@@ -115,6 +115,18 @@ impl Dead {
     }
 }
 
+/// A claimed batch, its rows deleted by its still-open transaction.
+struct Claimed {
+    tx: Transaction<'static, Postgres>,
+    rows: Vec<OutboxRow>,
+    epochs: HashMap<i16, i64>,
+    /// Highest ordering id claimed: the next pipelined claim starts above it.
+    max_id: i64,
+    started: Instant,
+    claimed_in: Duration,
+    gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
+}
+
 /// A claimed batch whose messages are queued in the producer, its rows
 /// still locked by its open transaction.
 struct InFlight {
@@ -126,8 +138,6 @@ struct InFlight {
     epochs: HashMap<i16, i64>,
     produced: publish::Produced,
     producer: Arc<RelayProducer>,
-    /// Highest ordering id claimed: the next pipelined claim starts above it.
-    max_id: i64,
     started: Instant,
     claimed_in: Duration,
     produced_in: Duration,
@@ -192,16 +202,17 @@ impl Relay {
 
     /// Claims, publishes and settles one batch.
     pub async fn step(&self) -> Result<Outcome, RelayError> {
-        match self.begin(None).await? {
+        match self.claim(None).await? {
             None => Ok(Outcome::Empty),
-            Some(batch) => Ok(Outcome::Batch(self.finish(batch).await?)),
+            Some(claimed) => Ok(Outcome::Batch(
+                self.finish(self.queue(claimed).await).await?,
+            )),
         }
     }
 
-    /// Claims a batch (rows with an ordering id above `after`, when given),
-    /// builds the envelopes and queues the messages in the producer. The
-    /// returned batch keeps its transaction open until [`Relay::finish`].
-    async fn begin(&self, after: Option<i64>) -> Result<Option<InFlight>, RelayError> {
+    /// Claims a batch (rows with an ordering id above `after`, when given).
+    /// The returned batch keeps its transaction open until [`Relay::finish`].
+    async fn claim(&self, after: Option<i64>) -> Result<Option<Claimed>, RelayError> {
         let relay = &self.settings.relay;
         // Held until the batch settles: a lease is handed back only when no
         // batch of it is in flight.
@@ -229,6 +240,39 @@ impl Relay {
             tx.rollback().await?;
             return Ok(None);
         }
+        let epochs: HashMap<i16, i64> = match &usable {
+            Some(u) => u
+                .vpartitions
+                .iter()
+                .copied()
+                .zip(u.epochs.iter().copied())
+                .collect(),
+            None => HashMap::new(),
+        };
+        let max_id = rows.iter().map(|r| r.id).max().unwrap_or(0);
+        Ok(Some(Claimed {
+            tx,
+            rows,
+            epochs,
+            max_id,
+            started,
+            claimed_in,
+            gate,
+        }))
+    }
+
+    /// Builds the envelopes of a claimed batch and queues its messages in
+    /// the producer, without waiting for Kafka.
+    async fn queue(&self, claimed: Claimed) -> InFlight {
+        let Claimed {
+            tx,
+            rows,
+            epochs,
+            max_id: _,
+            started,
+            claimed_in,
+            gate,
+        } = claimed;
 
         let mut dead = Dead::default();
         let mut ready: Vec<Prepared> = Vec::with_capacity(rows.len());
@@ -256,19 +300,9 @@ impl Relay {
                 }
             }
         }
-        let epochs: HashMap<i16, i64> = match &usable {
-            Some(u) => u
-                .vpartitions
-                .iter()
-                .copied()
-                .zip(u.epochs.iter().copied())
-                .collect(),
-            None => HashMap::new(),
-        };
         let producer = self.producer();
         let produced = publish::produce(&producer, &mut ready).await;
-        let max_id = rows.iter().map(|r| r.id).max().unwrap_or(0);
-        Ok(Some(InFlight {
+        InFlight {
             tx,
             rows,
             ready,
@@ -277,12 +311,11 @@ impl Relay {
             epochs,
             produced,
             producer,
-            max_id,
             started,
             claimed_in,
             produced_in: started.elapsed(),
             _gate: gate,
-        }))
+        }
     }
 
     /// Waits for Kafka's answers to a batch and settles it in its own
@@ -559,6 +592,12 @@ impl Relay {
             VecDeque::new();
         let mut cursor: Option<i64> = None;
         let mut last_full_scan = Instant::now();
+        // Resolved once the latest batch has queued its messages.
+        let mut produce_turn = {
+            let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+            let _ = tx.send(());
+            rx
+        };
         loop {
             let mut failure: Option<RelayError> = None;
             let can_claim = !token.is_cancelled() && inflight.len() < depth;
@@ -572,15 +611,26 @@ impl Relay {
             let due_full_scan = pipelined && last_full_scan.elapsed() >= FULL_SCAN_EVERY;
             if can_claim && !due_full_scan {
                 let after = if pipelined { cursor } else { None };
-                match self.begin(after).await {
-                    Ok(Some(batch)) => {
+                match self.claim(after).await {
+                    Ok(Some(claimed)) => {
                         if !pipelined {
                             last_full_scan = Instant::now();
                         }
-                        let was_full = batch.rows.len() >= full;
-                        cursor = Some(batch.max_id);
+                        let was_full = claimed.rows.len() >= full;
+                        cursor = Some(claimed.max_id);
+                        // Envelopes and produce calls run in the batch's task
+                        // while the next claim runs here; each batch queues
+                        // its messages only after the one claimed before it,
+                        // so Kafka still receives them in claim order.
+                        let (queued, next_turn) = tokio::sync::oneshot::channel::<()>();
+                        let turn = std::mem::replace(&mut produce_turn, next_turn);
                         let me = self.clone();
-                        inflight.push_back(tokio::spawn(async move { me.finish(batch).await }));
+                        inflight.push_back(tokio::spawn(async move {
+                            let _ = turn.await;
+                            let batch = me.queue(claimed).await;
+                            let _ = queued.send(());
+                            me.finish(batch).await
+                        }));
                         if was_full {
                             continue;
                         }

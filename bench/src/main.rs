@@ -635,7 +635,10 @@ async fn warm_up(ctx: &Ctx, shape: Shape, wm: &Arc<Watermarks>, name: &str) -> R
     )
     .await
     .with_context(|| format!("{name} warm-up: events did not reach Kafka"))?;
-    eprintln!("[bench] {name} warm-up: {} events delivered", w.commits.len());
+    eprintln!(
+        "[bench] {name} warm-up: {} events delivered",
+        w.commits.len()
+    );
     Ok(())
 }
 
