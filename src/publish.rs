@@ -5,13 +5,15 @@
 //! same key). `message.timeout.ms` is bounded so that an outage surfaces to
 //! the relay's own retry loop instead of hiding inside librdkafka.
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::stream::{FuturesUnordered, StreamExt};
-use futures::FutureExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 
@@ -20,9 +22,75 @@ use crate::envelope::Prepared;
 use crate::metrics;
 
 /// Client context that turns librdkafka statistics into gauges and its log
-/// lines into tracing events.
+/// lines into tracing events, and hands delivery reports to their batch.
 #[derive(Clone, Default)]
-pub struct RelayContext;
+pub struct RelayContext {
+    batches: Arc<Batches>,
+}
+
+/// Batches whose delivery reports are still expected, by sequence number.
+/// A message's delivery opaque is its batch's sequence number and its index
+/// in the batch (`seq << INDEX_BITS | index`), so a report costs a map
+/// lookup instead of a channel and a wake-up per message.
+#[derive(Default)]
+struct Batches {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, Arc<Tracker>>>,
+}
+
+/// Room for relay.batch_size (at most 50 000) in the low bits of the opaque.
+const INDEX_BITS: u32 = 24;
+
+/// The delivery reports of one batch.
+struct Tracker {
+    results: Mutex<Vec<Option<Result<Ack, KafkaError>>>>,
+    /// Reports still to come; the batch's task is woken once, at zero.
+    remaining: AtomicUsize,
+    done: tokio::sync::Notify,
+}
+
+impl Tracker {
+    fn record(&self, index: usize, result: Result<Ack, KafkaError>) {
+        let mut results = self.results.lock().expect("delivery results lock");
+        if let Some(slot) = results.get_mut(index) {
+            if slot.is_none() {
+                *slot = Some(result);
+                drop(results);
+                if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+                    self.done.notify_one();
+                }
+            }
+        }
+    }
+}
+
+impl ProducerContext for RelayContext {
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, report: &DeliveryResult<'_>, opaque: usize) {
+        let seq = (opaque >> INDEX_BITS) as u64;
+        let index = opaque & ((1 << INDEX_BITS) - 1);
+        let tracker = self
+            .batches
+            .open
+            .lock()
+            .expect("delivery batches lock")
+            .get(&seq)
+            .cloned();
+        // No tracker: the batch stopped waiting (lease lost, timeout); its
+        // unanswered rows are published again.
+        if let Some(tracker) = tracker {
+            let result = match report {
+                Ok(m) => Ok(Ack {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                }),
+                Err((err, _)) => Err(err.clone()),
+            };
+            tracker.record(index, result);
+        }
+    }
+}
 
 impl ClientContext for RelayContext {
     fn stats(&self, stats: Statistics) {
@@ -49,7 +117,7 @@ impl ClientContext for RelayContext {
     }
 }
 
-pub type RelayProducer = FutureProducer<RelayContext>;
+pub type RelayProducer = ThreadedProducer<RelayContext>;
 
 /// librdkafka properties for the relay's producer.
 pub fn producer_config(k: &KafkaSettings) -> ClientConfig {
@@ -108,7 +176,7 @@ pub fn client_config(k: &KafkaSettings) -> ClientConfig {
 }
 
 pub fn create_producer(k: &KafkaSettings) -> Result<RelayProducer, KafkaError> {
-    producer_config(k).create_with_context(RelayContext)
+    producer_config(k).create_with_context(RelayContext::default())
 }
 
 /// Kafka's answer for one message.
@@ -121,42 +189,64 @@ pub struct Ack {
 /// A batch handed to librdkafka: the delivery reports still to come, and
 /// the messages it refused outright.
 pub struct Produced {
-    results: Vec<Option<Result<Ack, KafkaError>>>,
-    pending: Vec<(usize, DeliveryFuture)>,
+    seq: u64,
+    tracker: Arc<Tracker>,
+    batches: Arc<Batches>,
+}
+
+impl Drop for Produced {
+    fn drop(&mut self) {
+        // Late reports of a batch nobody waits for any more are dropped.
+        if let Ok(mut open) = self.batches.open.lock() {
+            open.remove(&self.seq);
+        }
+    }
 }
 
 /// Queues every message of a batch, in order, without waiting for Kafka:
 /// the order of these calls is the order within each Kafka partition.
 pub async fn produce(producer: &RelayProducer, batch: &mut [Prepared]) -> Produced {
-    let mut results: Vec<Option<Result<Ack, KafkaError>>> = Vec::with_capacity(batch.len());
-    let mut pending = Vec::with_capacity(batch.len());
+    let batches = producer.context().batches.clone();
+    let seq = batches.next.fetch_add(1, Ordering::Relaxed);
+    let tracker = Arc::new(Tracker {
+        results: Mutex::new((0..batch.len()).map(|_| None).collect()),
+        remaining: AtomicUsize::new(batch.len()),
+        done: tokio::sync::Notify::new(),
+    });
+    // Registered before the first send: a report can arrive at once.
+    batches
+        .open
+        .lock()
+        .expect("delivery batches lock")
+        .insert(seq, tracker.clone());
+    let base = (seq as usize) << INDEX_BITS;
     for (i, msg) in batch.iter_mut().enumerate() {
         let headers = msg.headers.take().unwrap_or_default();
-        let mut record = FutureRecord::to(&msg.topic)
+        let mut record = BaseRecord::with_opaque_to(&msg.topic, base | i)
             .key(msg.key.as_bytes())
             .payload(&msg.value)
             .headers(headers)
             .timestamp(msg.occurred_at.timestamp_millis());
-        results.push(None);
         loop {
-            match producer.send_result(record) {
-                Ok(future) => {
-                    pending.push((i, future));
-                    break;
-                }
+            match producer.send(record) {
+                Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                     // The local queue is full: let librdkafka drain it.
                     record = back;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((err, _)) => {
-                    results[i] = Some(Err(err));
+                    tracker.record(i, Err(err));
                     break;
                 }
             }
         }
     }
-    Produced { results, pending }
+    Produced {
+        seq,
+        tracker,
+        batches,
+    }
 }
 
 /// Waits for the delivery reports of a produced batch until they are all in
@@ -167,35 +257,19 @@ pub async fn acks(
     produced: Produced,
     give_up: impl std::future::Future<Output = ()>,
 ) -> Vec<Option<Result<Ack, KafkaError>>> {
-    let Produced {
-        mut results,
-        pending,
-    } = produced;
-    let mut pending: FuturesUnordered<_> = pending
-        .into_iter()
-        .map(|(i, future)| future.map(move |delivery| (i, delivery)))
-        .collect();
     tokio::pin!(give_up);
-    loop {
+    let tracker = produced.tracker.clone();
+    while tracker.remaining.load(Ordering::Acquire) > 0 {
         tokio::select! {
             biased;
-            next = pending.next() => match next {
-                Some((i, delivery)) => {
-                    results[i] = Some(match delivery {
-                        Ok(Ok(d)) => Ok(Ack {
-                            partition: d.partition,
-                            offset: d.offset,
-                        }),
-                        Ok(Err((err, _))) => Err(err),
-                        Err(_canceled) => Err(KafkaError::Canceled),
-                    });
-                }
-                None => break,
-            },
+            // A notification sent before this wait began is kept as a permit.
+            _ = tracker.done.notified() => {}
             _ = &mut give_up => break,
         }
     }
-    results
+    drop(produced);
+    let mut results = tracker.results.lock().expect("delivery results lock");
+    std::mem::take(&mut *results)
 }
 
 /// Fetches cluster metadata: the readiness check of the Kafka side.
