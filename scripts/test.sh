@@ -15,7 +15,15 @@ eval "$(bash scripts/services.sh env)"
 # Each test makes its own database and topics; left to pile up they slow every
 # later broker start (see scripts/sweep.sh).
 bash scripts/sweep.sh
-trap 'bash scripts/sweep.sh || true' EXIT
+# tests/faults.rs starts its own PostgreSQL and Kafka (ports and state
+# directory below) so that it can stop and kill them; they go when the suite ends.
+faults_down() {
+  OUTBOX_STATE_DIR=/var/tmp/outbox-relay-faults OUTBOX_PG_PORT=55442 \
+    OUTBOX_KAFKA_PORT=19102 OUTBOX_KAFKA_CONTROLLER_PORT=19103 \
+    bash scripts/services.sh down >/dev/null 2>&1 || true
+  rm -rf /var/tmp/outbox-relay-faults
+}
+trap 'bash scripts/sweep.sh || true; faults_down' EXIT
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
