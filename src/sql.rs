@@ -76,6 +76,15 @@ pub async fn connect_relay(
             // holds without waiting for the WAL flush on every batch.
             ("synchronous_commit", "off".to_string()),
             ("lock_timeout", "2s".to_string()),
+            // The outbox is a queue: its statistics swing between empty (an
+            // ANALYZE right after a drain) and millions of rows. Planned for
+            // an empty table, a claim would read every row above the cursor
+            // and sort them, or scan every dead row; each relay query has an
+            // index that serves it in order, so plans without one are priced
+            // out.
+            ("enable_seqscan", "off".to_string()),
+            ("enable_bitmapscan", "off".to_string()),
+            ("enable_sort", "off".to_string()),
             (
                 "idle_in_transaction_session_timeout",
                 format!("{}ms", idle_timeout.as_millis()),
@@ -109,20 +118,8 @@ pub async fn claim(
     vpartitions: Option<&[i16]>,
     after_id: i64,
 ) -> sqlx::Result<Vec<OutboxRow>> {
-    let (filter, lock) = match vpartitions {
-        Some(_) => ("AND vpartition = ANY($3)", "FOR UPDATE"),
-        None => ("", "FOR UPDATE SKIP LOCKED"),
-    };
     sqlx::query("SAVEPOINT claim").execute(&mut **tx).await?;
-    let sql = format!(
-        "DELETE FROM outbox WHERE id IN ( \
-             SELECT id FROM outbox \
-              WHERE id > $2 AND available_at <= now() {filter} \
-              ORDER BY id \
-              LIMIT $1 \
-              {lock}) \
-         RETURNING {CLAIMED_COLUMNS}"
-    );
+    let sql = claim_statement(vpartitions.is_some());
     let mut query = sqlx::query_as::<_, OutboxRow>(&sql)
         .bind(limit)
         .bind(after_id);
@@ -132,6 +129,25 @@ pub async fn claim(
     let mut rows = query.fetch_all(&mut **tx).await?;
     rows.sort_unstable_by_key(|r| r.id);
     Ok(rows)
+}
+
+/// The claim statement: $1 limit, $2 ordering id to start above, $3 the
+/// leased virtual partitions (with leases).
+pub fn claim_statement(leased: bool) -> String {
+    let (filter, lock) = if leased {
+        ("AND vpartition = ANY($3)", "FOR UPDATE")
+    } else {
+        ("", "FOR UPDATE SKIP LOCKED")
+    };
+    format!(
+        "DELETE FROM outbox WHERE id = ANY(ARRAY( \
+             SELECT id FROM outbox \
+              WHERE id > $2 AND available_at <= now() {filter} \
+              ORDER BY id \
+              LIMIT $1 \
+              {lock})) \
+         RETURNING {CLAIMED_COLUMNS}"
+    )
 }
 
 /// Undoes a claim's delete (the rows are back, unlocked) and locks `ids`

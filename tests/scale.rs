@@ -451,3 +451,104 @@ async fn rows_get_the_virtual_partition_of_their_key_at_insert() {
     .unwrap();
     assert_eq!(per_key, 1, "one key, one partition");
 }
+
+/// Statistics of a queue table swing: an ANALYZE right after a drain
+/// records an empty table, and the next claims run against thousands of
+/// rows, most of them dead. Planned from those statistics, a claim must
+/// still walk the primary key from the cursor and stop at its limit —
+/// never scan the table, build a bitmap of every row above the cursor, or
+/// sort — whether PostgreSQL plans it for the values (the first
+/// executions) or generically (later ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
+    let env = TestEnv::new().await;
+    sqlx::query("ALTER TABLE outbox SET (autovacuum_enabled = false)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (event_type, tenant_id, payload) \
+         SELECT 'auth.user.created', 'tenant-1', \
+                jsonb_build_object('userId', 'u' || g, 'email', 'u' || g || '@example.com') \
+           FROM generate_series(1, 30000) g",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM outbox WHERE id < (SELECT max(id) - 200 FROM outbox)")
+        .execute(&env.pool)
+        .await
+        .unwrap();
+
+    let relay_pool = outbox_relay::sql::connect_relay(
+        &env.db_url,
+        2,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let all = (0..256)
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    for leased in [true, false] {
+        for mode in ["force_custom_plan", "force_generic_plan"] {
+            let mut tx = relay_pool.begin().await.unwrap();
+            sqlx::query(&format!("SET LOCAL plan_cache_mode = {mode}"))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let name = if leased {
+                "claim_leased"
+            } else {
+                "claim_plain"
+            };
+            sqlx::query(&format!(
+                "PREPARE {name} AS {}",
+                outbox_relay::sql::claim_statement(leased)
+            ))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            let explain = if leased {
+                format!("EXPLAIN (FORMAT JSON) EXECUTE {name}(2000, 0, '{{{all}}}')")
+            } else {
+                format!("EXPLAIN (FORMAT JSON) EXECUTE {name}(2000, 0)")
+            };
+            let plan: serde_json::Value = sqlx::query_scalar(&explain)
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+
+            let mut nodes = Vec::new();
+            collect_nodes(&plan[0]["Plan"], &mut nodes);
+            for bad in ["Seq Scan", "Bitmap Heap Scan", "Sort", "Hash Join"] {
+                assert!(
+                    !nodes.iter().any(|n| n == bad),
+                    "leased={leased} {mode}: the claim plan has a {bad} node: {nodes:?}\n{plan:#}"
+                );
+            }
+            assert!(
+                nodes.iter().filter(|n| *n == "Index Scan").count() >= 2,
+                "leased={leased} {mode}: expected index scans on outbox_pkey: {nodes:?}"
+            );
+        }
+    }
+}
+
+fn collect_nodes(plan: &serde_json::Value, out: &mut Vec<String>) {
+    if let Some(t) = plan["Node Type"].as_str() {
+        out.push(t.to_string());
+    }
+    if let Some(children) = plan["Plans"].as_array() {
+        for child in children {
+            collect_nodes(child, out);
+        }
+    }
+}
