@@ -44,4 +44,5 @@ for k in $RELAYS; do
   awk -v n="$EVENTS" -v k="$k" -v s="$start" -v e="$end" \
     'BEGIN {printf "%d relay(s): %d events in %.2f s = %.0f events/s\n", k, n, e - s, n / (e - s)}'
   psql -qX "$ADMIN_URL" -c "DROP DATABASE $db WITH (FORCE)"
+  bash scripts/kafka.sh topics --delete --if-exists --topic "^sd$$k${k}[.].*" >/dev/null
 done
