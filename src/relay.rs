@@ -337,7 +337,21 @@ impl Relay {
             produced_in,
             ..
         } = batch;
-        let give_up = self.lease_deadline(&ready, &epochs);
+        // librdkafka reports every message within message.timeout.ms of
+        // queueing it; past that (plus a margin for a busy machine) a missing
+        // report can only be lost, and waiting longer would stall the
+        // pipeline. Unanswered rows are published again.
+        let reports_due =
+            started + Duration::from_millis(self.settings.kafka.message_timeout_ms) + REPORT_MARGIN;
+        let give_up = async {
+            tokio::select! {
+                _ = self.lease_deadline(&ready, &epochs) => {}
+                _ = tokio::time::sleep_until(reports_due.into()) => {
+                    tracing::warn!(events = ready.len(),
+                        "delivery reports overdue; the batch's unanswered events will be published again");
+                }
+            }
+        };
         let results = publish::acks(produced, give_up).await;
         let acked_in = started.elapsed();
 
@@ -693,6 +707,10 @@ fn batch_leases(rows: &[OutboxRow], epochs: &HashMap<i16, i64>) -> (Vec<i16>, Ve
     let eps = vps.iter().map(|vp| epochs[vp]).collect();
     (vps, eps)
 }
+
+/// How long past `kafka.message_timeout_ms` a batch waits for delivery
+/// reports that librdkafka should already have sent.
+const REPORT_MARGIN: Duration = Duration::from_secs(10);
 
 /// How often a relay claims with nothing in flight, so that rows
 /// below its pipelined claims (late commits, retries coming due) are found.

@@ -489,9 +489,22 @@ async fn broker_down_for_30s_nothing_is_dead_lettered_and_publishing_resumes() {
         .expect("publishing resumes after the broker returns");
     tokio::time::sleep(Duration::from_secs(2)).await;
     let written = writer.finish(true).await;
-    let drained = wait_drained(&env, Duration::from_secs(60))
+    let Some(drained) = wait_drained(&env, Duration::from_secs(60)).await else {
+        let (left, max_attempts, due_in): (i64, Option<i32>, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), max(attempts), \
+                    extract(epoch FROM max(available_at) - now())::float8 FROM outbox",
+        )
+        .fetch_one(&env.pool)
         .await
-        .expect("the backlog drains");
+        .unwrap();
+        let log = relay.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        panic!(
+            "the backlog did not drain within 60 s: {left} rows left, attempts up to \
+             {max_attempts:?}, the last due in {due_in:?} s; relay log (newest first):\n{}",
+            tail.join("\n")
+        );
+    };
 
     let retried = relay.logged("publish failed; events stay in the outbox");
     assert!(retried.len() >= 2, "{}", relay.log_text());
