@@ -8,14 +8,14 @@
 use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::message::{Header, OwnedHeaders};
 use serde::Serialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::catalog::{not_an_object, Catalog, EventDef, JsonKind};
 use crate::failure::DlqReason;
 use crate::sql::OutboxRow;
-use rdkafka::message::{Header, OwnedHeaders};
-use serde_json::value::RawValue;
 
 /// CloudEvents spec version announced in `ce_specversion`.
 pub const CE_SPECVERSION: &str = "1.0";

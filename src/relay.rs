@@ -12,8 +12,6 @@ use std::time::{Duration, Instant};
 use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::Utc;
 use sqlx::{PgPool, Postgres, Transaction};
-
-use crate::sql::OutboxRow;
 use tokio_util::sync::CancellationToken;
 
 use crate::catalog::Catalog;
@@ -23,7 +21,7 @@ use crate::failure::{self, Class, DbClass, DlqReason};
 use crate::lease::Leases;
 use crate::metrics;
 use crate::publish::{self, RelayProducer};
-use crate::sql;
+use crate::sql::{self, OutboxRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RelayError {
@@ -84,13 +82,14 @@ impl Progress {
     }
 }
 
-/// Rows of a batch that go to the DLQ, with reason, message and type.
+/// Rows of a batch that go to the DLQ, with reason, message and type
+/// (index-aligned, as `sql::dead_letter` takes them).
 #[derive(Default)]
 struct Dead {
     ids: Vec<i64>,
     reasons: Vec<&'static str>,
     errors: Vec<String>,
-    types: Vec<(String, DlqReason)>,
+    types: Vec<String>,
 }
 
 impl Dead {
@@ -98,7 +97,7 @@ impl Dead {
         self.ids.push(id);
         self.reasons.push(reason.as_str());
         self.errors.push(error);
-        self.types.push((event_type.to_string(), reason));
+        self.types.push(event_type.to_string());
     }
 
     fn retain(&mut self, keep: impl Fn(&i64) -> bool) {
@@ -108,7 +107,7 @@ impl Dead {
                 kept.ids.push(self.ids[i]);
                 kept.reasons.push(self.reasons[i]);
                 kept.errors.push(std::mem::take(&mut self.errors[i]));
-                kept.types.push(self.types[i].clone());
+                kept.types.push(std::mem::take(&mut self.types[i]));
             }
         }
         *self = kept;
@@ -120,8 +119,6 @@ struct Claimed {
     tx: Transaction<'static, Postgres>,
     rows: Vec<OutboxRow>,
     epochs: HashMap<i16, i64>,
-    /// Highest ordering id claimed: the next pipelined claim starts above it.
-    max_id: i64,
     started: Instant,
     claimed_in: Duration,
     gate: Option<tokio::sync::OwnedRwLockReadGuard<()>>,
@@ -249,12 +246,10 @@ impl Relay {
                 .collect(),
             None => HashMap::new(),
         };
-        let max_id = rows.iter().map(|r| r.id).max().unwrap_or(0);
         Ok(Some(Claimed {
             tx,
             rows,
             epochs,
-            max_id,
             started,
             claimed_in,
             gate,
@@ -268,7 +263,6 @@ impl Relay {
             tx,
             rows,
             epochs,
-            max_id: _,
             started,
             claimed_in,
             gate,
@@ -523,8 +517,8 @@ impl Relay {
         for ((event_type, topic), n) in published_by {
             metrics::published(self.source(), event_type, topic, n);
         }
-        for (event_type, reason) in &dead.types {
-            metrics::dead_lettered(self.source(), event_type, reason.as_str());
+        for (event_type, reason) in dead.types.iter().zip(&dead.reasons) {
+            metrics::dead_lettered(self.source(), event_type, reason);
         }
         for id in &exhausted {
             let row = rows
@@ -631,7 +625,8 @@ impl Relay {
                             last_full_scan = Instant::now();
                         }
                         let was_full = claimed.rows.len() >= full;
-                        cursor = Some(claimed.max_id);
+                        // Rows come back in ordering-id order.
+                        cursor = claimed.rows.last().map(|r| r.id);
                         // Envelopes and produce calls run in the batch's task
                         // while the next claim runs here; each batch queues
                         // its messages only after the one claimed before it,

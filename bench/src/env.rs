@@ -164,8 +164,9 @@ impl BenchEnv {
         Ok(())
     }
 
-    /// Cleans up the dead rows a previous phase left in `table`, so each
-    /// phase starts from the same table (Debezium's is truncated instead).
+    /// Cleans up the dead rows a previous phase left in `table` and
+    /// refreshes its statistics, so each phase starts from the same table
+    /// (Debezium's is truncated instead).
     pub async fn vacuum(&self, table: &str) -> Result<()> {
         sqlx::query(&format!("VACUUM (ANALYZE) {table}"))
             .execute(&self.pool)

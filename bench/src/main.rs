@@ -367,9 +367,7 @@ async fn writer_tax(ctx: &Ctx, with_dbz: bool) -> Result<Tax> {
             ctx.env.truncate(shape.table()).await?;
         }
     }
-    sqlx::query("VACUUM ANALYZE outbox")
-        .execute(&ctx.env.pool)
-        .await?;
+    ctx.env.vacuum("outbox").await?;
     let rate = |i: usize| {
         if secs[i] > 0.0 {
             events[i] as f64 / secs[i]
@@ -545,9 +543,7 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
             1000,
         )
         .await?;
-        sqlx::query("VACUUM ANALYZE outbox")
-            .execute(&ctx.env.pool)
-            .await?;
+        ctx.env.vacuum("outbox").await?;
         let monitor = cpu::CpuMonitor::start(&ctx.env.db_name);
         let run = RelayRun::start(ctx, "drain", false)?;
         let t0 = run.proc.started;
