@@ -486,7 +486,7 @@ async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
 
     let relay_pool = outbox_relay::sql::connect_relay(
         &env.db_url,
-        2,
+        1,
         Duration::from_secs(5),
         Duration::from_secs(60),
     )
@@ -503,11 +503,9 @@ async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
                 .execute(&mut *tx)
                 .await
                 .unwrap();
-            let name = if leased {
-                "claim_leased"
-            } else {
-                "claim_plain"
-            };
+            // A prepared statement outlives the transaction on its pooled
+            // connection: one name per case, deallocated below.
+            let name = format!("claim_{}_{mode}", if leased { "leased" } else { "plain" });
             sqlx::query(&format!(
                 "PREPARE {name} AS {}",
                 outbox_relay::sql::claim_statement(leased)
@@ -522,6 +520,10 @@ async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
             };
             let plan: serde_json::Value = sqlx::query_scalar(&explain)
                 .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            sqlx::query(&format!("DEALLOCATE {name}"))
+                .execute(&mut *tx)
                 .await
                 .unwrap();
             tx.rollback().await.unwrap();
