@@ -21,7 +21,13 @@ faults_down() {
   OUTBOX_STATE_DIR=/var/tmp/outbox-relay-faults OUTBOX_PG_PORT=55442 \
     OUTBOX_KAFKA_PORT=19102 OUTBOX_KAFKA_CONTROLLER_PORT=19103 \
     bash scripts/services.sh down >/dev/null 2>&1 || true
-  rm -rf /var/tmp/outbox-relay-faults
+  # Only a stopped server's files may go: deleted under a running one, the
+  # next run would find its port taken and no pid file to stop it by.
+  if tcp_open 127.0.0.1 55442 || tcp_open 127.0.0.1 19102; then
+    log "the fault tests' services are still running; keeping /var/tmp/outbox-relay-faults"
+  else
+    rm -rf /var/tmp/outbox-relay-faults
+  fi
 }
 trap 'bash scripts/sweep.sh || true; faults_down' EXIT
 
