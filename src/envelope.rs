@@ -9,7 +9,6 @@ use std::sync::Arc;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::message::{Header, OwnedHeaders};
-use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
@@ -61,22 +60,53 @@ struct RowHeaders {
     causation_id: Option<String>,
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
+/// The envelope's fields besides `data`.
 struct Envelope<'a> {
     id: &'a str,
-    #[serde(rename = "type")]
     event_type: &'a str,
     source: &'a str,
     schema_version: &'a str,
     tenant_id: Option<&'a str>,
     occurred_at: &'a str,
-    data: &'a serde_json::value::RawValue,
-    #[serde(skip_serializing_if = "Option::is_none")]
     correlation_id: Option<&'a str>,
-    #[serde(skip_serializing_if = "Option::is_none")]
     causation_id: Option<&'a str>,
 }
+
+impl Envelope<'_> {
+    /// Writes the envelope JSON with `payload` (already checked to be a JSON
+    /// object) as `data`, byte for byte: parsing the payload a second time
+    /// to embed it would cost as much as the checks did.
+    fn write(&self, out: &mut Vec<u8>, payload: &str) {
+        fn text(out: &mut Vec<u8>, s: &str) {
+            serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+        }
+        fn field(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
+            out.extend_from_slice(name.as_bytes());
+            match value {
+                Some(v) => text(out, v),
+                None => out.extend_from_slice(b"null"),
+            }
+        }
+        field(out, "{\"id\":", Some(self.id));
+        field(out, ",\"type\":", Some(self.event_type));
+        field(out, ",\"source\":", Some(self.source));
+        field(out, ",\"schemaVersion\":", Some(self.schema_version));
+        field(out, ",\"tenantId\":", self.tenant_id);
+        field(out, ",\"occurredAt\":", Some(self.occurred_at));
+        out.extend_from_slice(b",\"data\":");
+        out.extend_from_slice(payload.trim_matches(JSON_WHITESPACE).as_bytes());
+        if let Some(v) = self.correlation_id {
+            field(out, ",\"correlationId\":", Some(v));
+        }
+        if let Some(v) = self.causation_id {
+            field(out, ",\"causationId\":", Some(v));
+        }
+        out.push(b'}');
+    }
+}
+
+/// Whitespace JSON allows around a value.
+const JSON_WHITESPACE: &[char] = &[' ', '\t', '\n', '\r'];
 
 /// RFC 3339, UTC, milliseconds: `2026-11-29T13:14:48.123Z`.
 pub fn format_time(t: DateTime<Utc>) -> String {
@@ -211,12 +241,6 @@ pub fn prepare(
     };
     let tenant_id = row.tenant_id.as_deref().or(payload_tenant.as_deref());
     let occurred_at = format_time(row.occurred_at);
-    let data: &RawValue = serde_json::from_str(&row.payload).map_err(|e| {
-        reject(
-            DlqReason::InvalidPayload,
-            format!("$: payload is not valid JSON: {e}"),
-        )
-    })?;
     let envelope = Envelope {
         id: &row.event_id,
         event_type: &row.event_type,
@@ -224,12 +248,11 @@ pub fn prepare(
         schema_version: &def.schema_version,
         tenant_id,
         occurred_at: &occurred_at,
-        data,
         correlation_id: row_headers.correlation_id.as_deref(),
         causation_id: row_headers.causation_id.as_deref(),
     };
     let mut value = Vec::with_capacity(row.payload.len() + 256);
-    serde_json::to_writer(&mut value, &envelope).expect("serializing to a Vec cannot fail");
+    envelope.write(&mut value, &row.payload);
 
     // Built straight into librdkafka's header list from borrowed values.
     let mut headers = OwnedHeaders::new_with_capacity(12);
@@ -372,6 +395,31 @@ mod tests {
             h["traceparent"],
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
         );
+    }
+
+    #[test]
+    fn data_is_the_payload_text_byte_for_byte_and_strings_are_escaped() {
+        let mut r = row("money.wallet.credited", credited());
+        // As PostgreSQL prints jsonb: spaces after separators, numbers as
+        // written, non-ASCII unescaped.
+        r.payload = r#"{"txId": "t1", "userId": "u1", "amountCents": 100, "currency": "USD", "rate": 1.50, "note": "caf\u00e9 \"x\" ü"}"#.into();
+        r.tenant_id = Some("t\"1\\\n".into());
+        r.headers = Some(json!({"correlationId": "c\u{1}", "causationId": "k"}).to_string());
+        let p = prepare(&r, &catalog(), "", 1_000_000).unwrap();
+        let text = std::str::from_utf8(&p.value).unwrap();
+        assert_eq!(
+            text,
+            concat!(
+                r#"{"id":"01j9pa5mz70000000000000000","type":"money.wallet.credited","#,
+                r#""source":"money","schemaVersion":"1.0.0","tenantId":"t\"1\\\n","#,
+                r#""occurredAt":"2026-11-29T10:00:00.123Z","#,
+                r#""data":{"txId": "t1", "userId": "u1", "amountCents": 100, "currency": "USD", "rate": 1.50, "note": "caf\u00e9 \"x\" ü"},"#,
+                r#""correlationId":"c\u0001","causationId":"k"}"#
+            )
+        );
+        let v: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["tenantId"], "t\"1\\\n");
+        assert_eq!(v["data"]["note"], "café \"x\" ü");
     }
 
     #[test]

@@ -151,8 +151,12 @@ pub fn backlog(source: &str, pending: i64, oldest_age_seconds: f64, dlq: i64) {
     gauge!(DLQ_EVENTS, "source" => source.to_owned()).set(dlq as f64);
 }
 
-pub fn publish_latency(seconds: f64) {
-    histogram!(PUBLISH_LATENCY).record(seconds.max(0.0));
+/// A batch's latencies: the histogram is looked up once, not per event.
+pub fn publish_latencies(seconds: impl IntoIterator<Item = f64>) {
+    let h = histogram!(PUBLISH_LATENCY);
+    for s in seconds {
+        h.record(s.max(0.0));
+    }
 }
 
 /// One claim. An idle relay claims nothing every `relay.idle_interval_ms`;

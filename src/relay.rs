@@ -357,6 +357,7 @@ impl Relay {
         // relay.max_attempts (counted in SQL by sql::schedule_retry).
         let mut unknown_ids = std::collections::HashSet::new();
         let mut unsettled = 0usize;
+        let mut latencies = Vec::with_capacity(ready.len());
         for ((msg, attempts), result) in ready.iter().zip(&ready_attempts).zip(results) {
             let err = match result {
                 None => {
@@ -368,7 +369,7 @@ impl Relay {
                 Some(Ok(_)) => {
                     acked.push(msg.id);
                     let latency = (now - msg.occurred_at).num_microseconds().unwrap_or(0);
-                    metrics::publish_latency(latency as f64 / 1e6);
+                    latencies.push(latency as f64 / 1e6);
                     continue;
                 }
                 Some(Err(err)) => err,
@@ -395,6 +396,7 @@ impl Relay {
                 }
             }
         }
+        metrics::publish_latencies(latencies);
         if !retry_ids.is_empty() {
             tracing::warn!(
                 events = retry_ids.len(),

@@ -96,10 +96,21 @@ impl Watermarks {
                 tpl.add_partition_offset(t, p, Offset::End)?;
             }
         }
-        let got = self
-            .consumer
-            .offsets_for_times(tpl, Duration::from_secs(10))
-            .context("reading end offsets")?;
+        // Topics created a moment ago may not have a leader yet; the broker
+        // answers NotLeaderForPartition until they do.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let got = loop {
+            match self
+                .consumer
+                .offsets_for_times(tpl.clone(), Duration::from_secs(10))
+            {
+                Ok(got) => break got,
+                Err(_) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                Err(e) => bail!("reading end offsets of {:?}: {e}", self.topics),
+            }
+        };
         let mut m = HashMap::new();
         for e in got.elements() {
             let Offset::Offset(o) = e.offset() else {
