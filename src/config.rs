@@ -256,8 +256,8 @@ impl Default for Settings {
             },
             relay: RelaySettings {
                 source: "default".into(),
-                batch_size: 2000,
-                pipeline_depth: 3,
+                batch_size: 4000,
+                pipeline_depth: 2,
                 idle_interval_ms: 5,
                 listen: false,
                 max_attempts: 12,

@@ -241,6 +241,9 @@ pub async fn produce(producer: &RelayProducer, batch: &mut [Prepared]) -> Produc
                 }
             }
         }
+        // librdkafka keeps its own copy until the broker answers; a batch in
+        // flight need not hold a second one.
+        msg.value = Vec::new();
     }
     Produced {
         seq,

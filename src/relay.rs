@@ -294,6 +294,13 @@ impl Relay {
                 }
             }
         }
+        // Settling needs only ids, partitions and types: the payloads are in
+        // the envelopes now, and a batch in flight need not hold them.
+        let mut rows = rows;
+        for row in &mut rows {
+            row.payload = String::new();
+            row.headers = None;
+        }
         let producer = self.producer();
         let produced = publish::produce(&producer, &mut ready).await;
         InFlight {
