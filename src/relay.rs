@@ -223,7 +223,7 @@ impl Relay {
             return Ok(None);
         }
         let started = Instant::now();
-        let mut tx = self.pool.begin().await?;
+        let mut tx = sql::begin_claim(&self.pool).await?;
         let rows = sql::claim(
             &mut tx,
             relay.batch_size as i64,
