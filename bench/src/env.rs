@@ -174,6 +174,15 @@ impl BenchEnv {
         Ok(())
     }
 
+    /// Ends any checkpoint in progress. A drain writes enough WAL to start
+    /// one that spreads its writes over minutes; without this, whichever
+    /// peer's phases follow a drain would be measured during it and the
+    /// other's not.
+    pub async fn checkpoint(&self) -> Result<()> {
+        sqlx::query("CHECKPOINT").execute(&self.pool).await?;
+        Ok(())
+    }
+
     pub async fn outbox_empty(&self) -> Result<bool> {
         Ok(
             sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox)")

@@ -544,6 +544,7 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         )
         .await?;
         ctx.env.vacuum("outbox").await?;
+        ctx.env.checkpoint().await?;
         let monitor = cpu::CpuMonitor::start(&ctx.env.db_name);
         let run = RelayRun::start(ctx, "drain", false)?;
         let t0 = run.proc.started;
@@ -584,6 +585,7 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         // caches, producer metadata, the JIT).
         warm_up(ctx, Shape::Relay, &wm, "outbox-relay").await?;
         ctx.env.vacuum("outbox").await?;
+        ctx.env.checkpoint().await?;
         // Let the relay settle into its idle loop before the first event.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let result = load_phase(ctx, &Driver::Relay, &wm, &prefix, mode).await;
@@ -790,6 +792,7 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
             if !ctx.mode(mode) {
                 continue;
             }
+            ctx.env.checkpoint().await?;
             match (mode, load_phase(ctx, &d, &wm, &prefix, mode).await?) {
                 ("idle", Phase::Idle(x)) => peer.idle = Some(x),
                 ("steady", Phase::Load(x)) => peer.steady = Some(x),
@@ -814,6 +817,7 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
                 1000,
             )
             .await?;
+            ctx.env.checkpoint().await?;
             dbz.rss.take_peak(dbz.pid);
             let monitor = cpu::CpuMonitor::start(&ctx.env.db_name);
             let t0 = Instant::now();
