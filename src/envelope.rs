@@ -33,6 +33,7 @@ pub struct Prepared {
     /// Full Kafka topic name (configured prefix included).
     pub topic: String,
     pub key: String,
+    /// The envelope JSON; emptied once the producer has its own copy.
     pub value: Vec<u8>,
     /// Taken by the producer when the record is queued.
     pub headers: Option<OwnedHeaders>,

@@ -261,7 +261,7 @@ impl Relay {
     async fn queue(&self, claimed: Claimed) -> InFlight {
         let Claimed {
             tx,
-            rows,
+            mut rows,
             epochs,
             started,
             claimed_in,
@@ -296,7 +296,6 @@ impl Relay {
         }
         // Settling needs only ids, partitions and types: the payloads are in
         // the envelopes now, and a batch in flight need not hold them.
-        let mut rows = rows;
         for row in &mut rows {
             row.payload = String::new();
             row.headers = None;

@@ -23,7 +23,8 @@ pub struct OutboxRow {
     pub event_id: String,
     pub event_type: String,
     pub tenant_id: Option<String>,
-    /// The jsonb payload as text: it goes into the envelope unchanged.
+    /// The jsonb payload as text: it goes into the envelope unchanged. The
+    /// relay empties it, and `headers`, once the envelope is built.
     pub payload: String,
     pub headers: Option<String>,
     pub occurred_at: DateTime<Utc>,
