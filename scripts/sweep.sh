@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Removes what test and benchmark runs leave on the local services: their
-# databases (t_<ulid>, bench_<id>, scale_drain_<pid>_<n>) and their topics
-# (t<ulid>., o<ulid>., missing<ulid>., bench<id>r./d., sd<pid>k<n>. prefixes). Every test gets its own database
-# and topics and nothing drops them while a test binary may still read them,
+# databases (t_<ulid>, bench_<id>, scale_drain_<pid>_<n>, claim_lock_<pid>)
+# and their topics (t<ulid>., o<ulid>., missing<ulid>., bench<id>r./d.,
+# sd<pid>k<n>. prefixes). Every test gets its own database and topics and
+# nothing drops them while a test binary may still read them,
 # so scripts/test.sh sweeps before and after the suite. A broker that keeps
 # thousands of stale partitions takes minutes to start.
 #   scripts/sweep.sh            # both services must be up
@@ -18,7 +19,7 @@ need_cmd psql "install the PostgreSQL client (apt-get install postgresql-client-
 
 t0=$(now_ms)
 dbs="$(psql -X -q -At -d "$PG_URL" -c \
-  "SELECT datname FROM pg_database WHERE datname ~ '^(t_01[0-9a-z]{24}|bench_[0-9a-z]+|scale_drain_[0-9]+_[0-9]+)$'")"
+  "SELECT datname FROM pg_database WHERE datname ~ '^(t_01[0-9a-z]{24}|bench_[0-9a-z]+|scale_drain_[0-9]+_[0-9]+|claim_lock_[0-9]+)$'")"
 n_db=0
 for db in $dbs; do
   # FORCE: a test that panicked may have left a pool connected.

@@ -78,15 +78,9 @@ impl Envelope<'_> {
     /// object) as `data`, byte for byte: parsing the payload a second time
     /// to embed it would cost as much as the checks did.
     fn write(&self, out: &mut Vec<u8>, payload: &str) {
-        fn text(out: &mut Vec<u8>, s: &str) {
-            serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
-        }
         fn field(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
             out.extend_from_slice(name.as_bytes());
-            match value {
-                Some(v) => text(out, v),
-                None => out.extend_from_slice(b"null"),
-            }
+            serde_json::to_writer(&mut *out, &value).expect("writing to a Vec cannot fail");
         }
         field(out, "{\"id\":", Some(self.id));
         field(out, ",\"type\":", Some(self.event_type));

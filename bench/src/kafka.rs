@@ -39,6 +39,17 @@ pub async fn create_topics(brokers: &str, names: &[String], partitions: i32) -> 
             bail!("creating topic {t}: {e}");
         }
     }
+    // The broker answers NotLeaderForPartition for a new topic until it has
+    // taken up leadership of every partition (a leader in the metadata is
+    // not enough): wait until their end offsets can be read.
+    let wm = Watermarks::new(brokers, names.to_vec(), partitions)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = tokio::task::block_in_place(|| wm.read()) {
+        if Instant::now() > deadline {
+            return Err(e.context("new topics still have no leader after 30 s"));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     Ok(())
 }
 
@@ -96,21 +107,10 @@ impl Watermarks {
                 tpl.add_partition_offset(t, p, Offset::End)?;
             }
         }
-        // Topics created a moment ago may not have a leader yet; the broker
-        // answers NotLeaderForPartition until they do.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let got = loop {
-            match self
-                .consumer
-                .offsets_for_times(tpl.clone(), Duration::from_secs(10))
-            {
-                Ok(got) => break got,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => bail!("reading end offsets of {:?}: {e}", self.topics),
-            }
-        };
+        let got = self
+            .consumer
+            .offsets_for_times(tpl, Duration::from_secs(10))
+            .with_context(|| format!("reading end offsets of {:?}", self.topics))?;
         let mut m = HashMap::new();
         for e in got.elements() {
             let Offset::Offset(o) = e.offset() else {
