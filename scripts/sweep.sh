@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Removes what test and benchmark runs leave on the local services: their
-# databases (t_<ulid>, bench_<id>, scale_drain_<pid>_<n>, claim_lock_<pid>)
+# databases (t_<ulid>, bench_<id>, scale_drain_<pid>_<n>, claim_lock_<pid>), the
+# test login roles of those databases (t_<ulid>_<what>)
 # and their topics (t<ulid>., o<ulid>., missing<ulid>., bench<id>r./d.,
 # sd<pid>k<n>. prefixes). Every test gets its own database and topics and
 # nothing drops them while a test binary may still read them,
@@ -27,6 +28,16 @@ for db in $dbs; do
   n_db=$((n_db + 1))
 done
 
+# Test login roles (t_<ulid>_<what>) are cluster-wide: they go once their
+# database has (its grants and mappings went with it).
+roles="$(psql -X -q -At -d "$PG_URL" -c \
+  "SELECT rolname FROM pg_roles WHERE rolname ~ '^t_01[0-9a-z]{24}_[a-z0-9_]+$'
+      AND NOT EXISTS (SELECT 1 FROM pg_database WHERE datname = substr(rolname, 1, 28))")"
+n_roles=0
+for role in $roles; do
+  psql -X -q -d "$PG_URL" -c "DROP ROLE IF EXISTS \"$role\"" >/dev/null 2>&1 && n_roles=$((n_roles + 1))
+done
+
 topic_re='^((t|o|missing)01[0-9a-z]{24}|bench[0-9a-z]+[rd]|sd[0-9]+k[0-9]+)[.].*'
 topics="$(bash "$SCRIPT_DIR/kafka.sh" topics --list 2>/dev/null | grep -E "$topic_re" || true)"
 n_topics=0
@@ -35,4 +46,4 @@ if [[ -n "$topics" ]]; then
   # One admin call with a regex instead of one JVM per topic.
   bash "$SCRIPT_DIR/kafka.sh" topics --delete --if-exists --topic "$topic_re" >/dev/null
 fi
-log "dropped $n_db databases and deleted $n_topics topics in $(( ($(now_ms) - t0) / 1000 ))s"
+log "dropped $n_db databases and $n_roles roles and deleted $n_topics topics in $(( ($(now_ms) - t0) / 1000 ))s"

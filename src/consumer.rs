@@ -339,7 +339,8 @@ pub enum Outcome {
     Failed,
     /// Given up on under [`FailurePolicy::Park`].
     Parked,
-    /// Not a decodable envelope: logged and skipped.
+    /// Not a decodable envelope: parked (its text and the decode error) in
+    /// `consumer_parked_events` under the name `undecodable:TOPIC:PARTITION:OFFSET`.
     Invalid,
     /// Its `source` is not the catalog's publisher for its type: never handled.
     ForbiddenSource,
@@ -596,16 +597,29 @@ impl Consumer {
     /// Fails start-up with a clear message when the dedupe table is missing
     /// or this role may not write it, instead of retrying every event.
     async fn check_schema(&self) -> Result<(), ConsumerError> {
-        let (exists, can_insert) = sql::dedupe_table_access(&self.pool).await?;
-        if !exists {
+        let name = &self.settings.name;
+        let access = sql::dedupe_access(&self.pool, name).await?;
+        if !access.exists {
             return Err(ConsumerError::Schema(
                 "table processed_event_ids does not exist in this database; run `outbox-relay migrate` against it".into(),
             ));
         }
-        if !can_insert {
+        let role = || async {
+            sqlx::query_scalar::<_, String>("SELECT current_user::text")
+                .fetch_one(&self.pool)
+                .await
+        };
+        if !access.can_insert {
             return Err(ConsumerError::Schema(format!(
-                "role may not insert into processed_event_ids; GRANT outbox_consumer TO the consumer's login role ({})",
-                self.settings.name
+                "role {} may not insert into processed_event_ids; GRANT outbox_consumer TO it (consumer {name})",
+                role().await?
+            )));
+        }
+        if !access.mapped {
+            let role = role().await?;
+            return Err(ConsumerError::Schema(format!(
+                "role {role} is not mapped to consumer {name}, so it may not read or write that consumer's \
+                 dedupe and parked rows; an admin runs SELECT outbox_map_consumer('{role}', '{name}')"
             )));
         }
         Ok(())
@@ -625,12 +639,7 @@ impl Consumer {
         let name = &self.settings.name;
         let mut event: Event = match serde_json::from_slice(msg.payload().unwrap_or_default()) {
             Ok(e) => e,
-            Err(err) => {
-                tracing::error!(consumer = %name, topic = msg.topic(), partition = msg.partition(),
-                    offset = msg.offset(), error = %err, "message is not an event envelope; skipped");
-                self.count("(invalid)", Outcome::Invalid);
-                return Some(Outcome::Invalid);
-            }
+            Err(err) => return self.park_undecodable(msg, &err, token).await,
         };
         event.delivery = Delivery {
             topic: msg.topic().to_string(),
@@ -661,12 +670,7 @@ impl Consumer {
             return Some(Outcome::ForbiddenSource);
         }
 
-        let mut delays = ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.settings.retry_min_ms))
-            .with_max_delay(Duration::from_millis(self.settings.retry_max_ms))
-            .with_jitter()
-            .without_max_times()
-            .build();
+        let mut delays = self.retry_delays();
         let mut attempts: u32 = 0;
         loop {
             attempts += 1;
@@ -714,6 +718,72 @@ impl Consumer {
             tokio::select! {
                 _ = token.cancelled() => return None,
                 _ = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    fn retry_delays(&self) -> impl Iterator<Item = Duration> {
+        ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(self.settings.retry_min_ms))
+            .with_max_delay(Duration::from_millis(self.settings.retry_max_ms))
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// A message the kit cannot decode as an envelope can never be handled.
+    /// It is parked — its text as a JSON string, under a name made of its
+    /// Kafka position, since nothing in it can be trusted — and counted as
+    /// `invalid`; only then is its offset committed. Until the park
+    /// succeeds it is retried, never skipped. `None` when cancelled first.
+    async fn park_undecodable(
+        &self,
+        msg: &BorrowedMessage<'_>,
+        err: &serde_json::Error,
+        token: &CancellationToken,
+    ) -> Option<Outcome> {
+        let name = &self.settings.name;
+        // jsonb strings cannot hold NUL.
+        let text = String::from_utf8_lossy(msg.payload().unwrap_or_default()).replace('\0', "\u{fffd}");
+        let event_id = format!("undecodable:{}:{}:{}", msg.topic(), msg.partition(), msg.offset());
+        let error = format!("not a decodable event envelope: {err}");
+        let mut delays = self.retry_delays();
+        loop {
+            let parked = sql::park_event(
+                &self.pool,
+                &sql::ParkedEvent {
+                    consumer: name,
+                    event_id: &event_id,
+                    event_type: "(undecodable)",
+                    topic: msg.topic(),
+                    partition: msg.partition(),
+                    offset: msg.offset(),
+                    envelope: Value::String(text.clone()),
+                    error: error.clone(),
+                    attempts: 1,
+                },
+            )
+            .await;
+            match parked {
+                Ok(()) => {
+                    tracing::error!(consumer = %name, topic = msg.topic(), partition = msg.partition(),
+                        offset = msg.offset(), error = %err,
+                        "message is not a decodable event envelope; parked in consumer_parked_events");
+                    self.count("(invalid)", Outcome::Invalid);
+                    return Some(Outcome::Invalid);
+                }
+                Err(park_err) => {
+                    let delay = delays
+                        .next()
+                        .unwrap_or(Duration::from_millis(self.settings.retry_max_ms));
+                    tracing::error!(consumer = %name, topic = msg.topic(), partition = msg.partition(),
+                        offset = msg.offset(), error = %park_err, retry_in_ms = delay.as_millis() as u64,
+                        "parking an undecodable message failed; offset not committed, retrying");
+                    tokio::select! {
+                        _ = token.cancelled() => return None,
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
             }
         }
     }

@@ -160,6 +160,108 @@ impl<'a> Fields<'a> {
     }
 }
 
+/// The deepest nesting of objects and arrays a payload may have. PostgreSQL
+/// stores far deeper documents, but decoders do not read them back: the
+/// consumer kit's serde_json stops at 128 levels (the envelope adds one),
+/// and other languages' defaults are lower still.
+pub const MAX_PAYLOAD_DEPTH: usize = 64;
+
+/// The JSON contract between the relay and every consumer: whatever is
+/// published decodes without loss. jsonb keeps numbers as exact decimals of
+/// any size and nesting of any depth; a consumer decodes numbers into 64-bit
+/// integers or IEEE 754 doubles. A payload that nests deeper than
+/// [`MAX_PAYLOAD_DEPTH`] or holds a number neither can represent exactly
+/// (`1e400`, a 30-digit integer, more decimal digits than a double keeps)
+/// is refused with a message naming it. `payload` is valid JSON (PostgreSQL
+/// printed it, [`Fields::parse`] read it), so one pass over its bytes
+/// suffices.
+fn check_portable(payload: &str) -> Result<(), String> {
+    let b = payload.as_bytes();
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > MAX_PAYLOAD_DEPTH {
+                    return Err(format!(
+                        "$: payload nests deeper than {MAX_PAYLOAD_DEPTH} levels of objects and arrays, \
+                         which consumers' JSON decoders refuse; flatten it"
+                    ));
+                }
+            }
+            b'}' | b']' => depth -= 1,
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                    i += 1;
+                }
+                check_number(&payload[start..i])?;
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// A JSON number decodes without loss when it is a 64-bit integer, or when
+/// the nearest double prints back as the same decimal value.
+fn check_number(token: &str) -> Result<(), String> {
+    let integer = !token.contains(['.', 'e', 'E']);
+    if integer && (token.parse::<i64>().is_ok() || token.parse::<u64>().is_ok()) {
+        return Ok(());
+    }
+    let shown = if token.len() > 40 {
+        format!("{}… ({} characters)", &token[..40], token.len())
+    } else {
+        token.to_string()
+    };
+    let x: f64 = token.parse().unwrap_or(f64::NAN);
+    if !x.is_finite() {
+        return Err(format!(
+            "$: number {shown} is beyond the range of a double and of a 64-bit integer, \
+             so consumers cannot decode it; send it as a string"
+        ));
+    }
+    if decimal(token) != decimal(&format!("{x:e}")) {
+        return Err(format!(
+            "$: number {shown} would change when decoded (it is neither a 64-bit integer nor exactly \
+             a double, which keeps about 15 significant digits); send it as a string"
+        ));
+    }
+    Ok(())
+}
+
+/// A decimal number as (negative, significant digits, power of ten), so
+/// that `0.10`, `1e-1` and `.1e0` compare equal. Zero has no digits.
+fn decimal(token: &str) -> (bool, String, i64) {
+    let (negative, unsigned) = match token.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, token),
+    };
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(at) => (&unsigned[..at], unsigned[at + 1..].parse::<i64>().unwrap_or(0)),
+        None => (unsigned, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{int}{frac}");
+    let digits = digits.trim_start_matches('0');
+    let significant = digits.trim_end_matches('0');
+    if significant.is_empty() {
+        return (false, String::new(), 0);
+    }
+    let power = exponent - frac.len() as i64 + (digits.len() - significant.len()) as i64;
+    (negative, significant.to_string(), power)
+}
+
 /// The partition key: the catalog's key field of the payload, as a string.
 fn partition_key(def: &EventDef, fields: &Fields<'_>) -> Result<String, Rejected> {
     let field = &def.partition_key;
@@ -222,6 +324,7 @@ pub fn prepare(
         ));
     }
     let fields = Fields::parse(&row.payload)?;
+    check_portable(&row.payload).map_err(|e| reject(DlqReason::InvalidPayload, e))?;
     let key = partition_key(def, &fields)?;
     def.check_fields(|field| fields.kind(field))
         .map_err(|e| reject(DlqReason::InvalidPayload, e.to_string()))?;
@@ -524,5 +627,52 @@ mod tests {
         r.publisher = None;
         let e = prepare(&r, &catalog(), "", 1_000_000).unwrap_err();
         assert_eq!(e.reason, DlqReason::ForbiddenPublisher);
+    }
+
+    /// What the relay publishes, the consumer kit decodes to the same value;
+    /// what it could not, is refused before publishing.
+    #[test]
+    fn only_payloads_that_decode_without_loss_are_published() {
+        let c = catalog();
+        let with = |extra: &str| {
+            let mut r = row("money.wallet.credited", credited());
+            r.payload = format!(
+                r#"{{"txId": "t", "userId": "u", "amountCents": 5, "currency": "USD", "x": {extra}}}"#
+            );
+            prepare(&r, &c, "", 10_000_000)
+        };
+        for ok in [
+            "0", "-0", "9223372036854775807", "-9223372036854775808", "18446744073709551615",
+            "0.1", "1.50", "-2.5e-3", "1e20", "100000000000000000000", "1.7976931348623157e308",
+            "3.141592653589793", r#""1e400 in a string""#, r#"[[[{"a": [1, 2.25]}]]]"#,
+        ] {
+            let p = with(ok).unwrap_or_else(|e| panic!("{ok}: {}", e.message));
+            let decoded: crate::consumer::Event = serde_json::from_slice(&p.value).unwrap();
+            let original: Value = serde_json::from_str(ok).unwrap();
+            assert_eq!(decoded.data["x"], original, "{ok}");
+        }
+        let big = format!("1{}", "0".repeat(400));
+        for (bad, says) in [
+            (big.as_str(), "beyond the range"),
+            ("1e400", "beyond the range"),
+            ("123456789012345678901234567890", "would change"),
+            ("3.14159265358979323846", "would change"),
+            ("1e-400", "would change"),
+        ] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.reason, DlqReason::InvalidPayload, "{bad}");
+            assert!(e.message.contains(says), "{bad}: {}", e.message);
+            assert!(e.message.contains("send it as a string"), "{}", e.message);
+        }
+        assert!(with(&big).unwrap_err().message.contains("(401 characters)"));
+
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(with(&deep(MAX_PAYLOAD_DEPTH - 1)).is_ok());
+        let e = with(&deep(MAX_PAYLOAD_DEPTH)).unwrap_err();
+        assert_eq!(e.reason, DlqReason::InvalidPayload);
+        assert!(e.message.contains("deeper than 64 levels"), "{}", e.message);
+        // Brackets and digits inside strings are text, not structure.
+        let quoted = format!(r#""{}\" 1e400 {}""#, "[".repeat(200), "{".repeat(200));
+        assert!(with(&quoted).is_ok());
     }
 }

@@ -13,6 +13,7 @@ pub mod failure;
 pub mod http;
 pub mod lease;
 pub mod metrics;
+pub mod privileges;
 pub mod publish;
 pub mod relay;
 pub mod sql;
@@ -53,6 +54,9 @@ pub enum RunError {
     Relay(#[from] relay::RelayError),
     #[error("metrics: {0}")]
     Metrics(String),
+    /// The relay's database role lacks a grant it needs.
+    #[error("postgres: {0}")]
+    Privileges(String),
     #[error("http listener on {addr}: {source}")]
     Http {
         addr: String,
@@ -300,6 +304,22 @@ async fn listen(url: String, wake: Arc<tokio::sync::Notify>, token: Cancellation
     }
 }
 
+/// Stops a source at start-up when its role lacks a grant of the
+/// `outbox_relay` group, naming the grant, instead of failing at the first
+/// retry or dead letter that needs it.
+async fn check_privileges(pool: &PgPool, source: &str) -> Result<(), RunError> {
+    let missing = privileges::missing(pool, "outbox_relay").await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let role: String = sqlx::query_scalar("SELECT current_user::text")
+        .fetch_one(pool)
+        .await?;
+    let message = privileges::missing_message(&role, "outbox_relay", &missing);
+    tracing::error!(source = %source, role = %role, missing = missing.len(), "{message}");
+    Err(RunError::Privileges(message))
+}
+
 /// Relays one source database until `token` is cancelled. A source that is
 /// down keeps retrying on its own; the others are not held up.
 async fn run_source(
@@ -312,6 +332,7 @@ async fn run_source(
 ) -> Result<Arc<RelayProducer>, RunError> {
     health.set(&source.name, false);
     let pool = connect_db(&settings, &source, &token).await?;
+    check_privileges(&pool, &source.name).await?;
     let relay_id = relay_id();
     let mut relay =
         Relay::new(pool.clone(), producer, catalog, settings.clone()).with_source(&source.name);

@@ -596,13 +596,34 @@ pub async fn leases_by_owner(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> 
     .await
 }
 
-/// Whether `processed_event_ids` exists, and whether this role may insert into it.
-pub async fn dedupe_table_access(pool: &PgPool) -> sqlx::Result<(bool, bool)> {
+/// What a consumer's role may do with the dedupe table, for the kit's
+/// start-up check.
+#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+pub struct DedupeAccess {
+    /// `processed_event_ids` exists.
+    pub exists: bool,
+    /// The role holds INSERT on it (a member of `outbox_consumer`).
+    pub can_insert: bool,
+    /// Row security lets it write rows of this consumer name: it is mapped
+    /// with `outbox_map_consumer`, or it is the owner or a superuser.
+    pub mapped: bool,
+}
+
+pub async fn dedupe_access(pool: &PgPool, consumer: &str) -> sqlx::Result<DedupeAccess> {
+    // CASE guards each step against objects an older schema does not have.
     sqlx::query_as(
-        "SELECT to_regclass('processed_event_ids') IS NOT NULL, \
+        "SELECT to_regclass('processed_event_ids') IS NOT NULL AS exists, \
                 CASE WHEN to_regclass('processed_event_ids') IS NULL THEN false \
-                     ELSE has_table_privilege('processed_event_ids', 'INSERT') END",
+                     ELSE has_table_privilege('processed_event_ids', 'INSERT') END AS can_insert, \
+                CASE WHEN to_regclass('processed_event_ids') IS NULL THEN false \
+                     WHEN (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user) THEN true \
+                     WHEN pg_has_role(current_user, (SELECT relowner FROM pg_class \
+                                                      WHERE oid = to_regclass('processed_event_ids')), 'USAGE') THEN true \
+                     WHEN to_regclass('outbox_consumer_roles') IS NULL THEN false \
+                     ELSE EXISTS (SELECT 1 FROM outbox_consumer_roles \
+                                   WHERE role_name = current_user AND consumer = $1) END AS mapped",
     )
+    .bind(consumer)
     .fetch_one(pool)
     .await
 }

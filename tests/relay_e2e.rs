@@ -20,16 +20,18 @@ async fn every_catalog_event_arrives_on_its_topic_with_envelope_key_and_headers(
         inserted.insert(id, event_type.clone());
     }
     // One row with trace context and an explicit tenant column.
-    let traced: String = sqlx::query_scalar(
-        "INSERT INTO outbox (event_type, tenant_id, payload, headers) VALUES \
-         ('money.wallet.debited', 'tenant-x', $1, $2) RETURNING event_id",
+    let traced = outbox_relay::writer::new_event_id();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, event_type, tenant_id, payload, headers) VALUES \
+         ($1, 'money.wallet.debited', 'tenant-x', $2, $3)",
     )
+    .bind(&traced)
     .bind(example_payload("money.wallet.debited"))
     .bind(
         json!({"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                  "correlationId": "corr-1", "causationId": "cause-1"}),
     )
-    .fetch_one(&env.pool)
+    .execute(&env.writer("money").await)
     .await
     .unwrap();
 
@@ -169,7 +171,7 @@ async fn rolled_back_events_are_never_published_and_late_commits_still_are() {
     let relay = env.relay().await;
 
     // A transaction that rolls back publishes nothing.
-    let mut tx = env.pool.begin().await.unwrap();
+    let mut tx = env.writer("iam").await.begin().await.unwrap();
     sqlx::query("INSERT INTO outbox (event_type, payload) VALUES ('auth.role.changed', $1)")
         .bind(example_payload("auth.role.changed"))
         .execute(&mut *tx)
@@ -178,12 +180,15 @@ async fn rolled_back_events_are_never_published_and_late_commits_still_are() {
     tx.rollback().await.unwrap();
 
     // A slow transaction takes an ordering id first but commits last.
-    let mut slow = env.pool.begin().await.unwrap();
-    let slow_id: String = sqlx::query_scalar(
-        "INSERT INTO outbox (event_type, payload) VALUES ('billing.plan.changed', $1) RETURNING event_id",
+    let billing = env.writer("billing").await;
+    let mut slow = billing.begin().await.unwrap();
+    let slow_id = outbox_relay::writer::new_event_id();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, event_type, payload) VALUES ($1, 'billing.plan.changed', $2)",
     )
+    .bind(&slow_id)
     .bind(example_payload("billing.plan.changed"))
-    .fetch_one(&mut *slow)
+    .execute(&mut *slow)
     .await
     .unwrap();
     let fast_id = env
@@ -223,7 +228,7 @@ async fn writer_library_enqueues_inside_the_callers_transaction() {
         amount_cents: 500,
         currency: "EUR".into(),
     };
-    let mut tx = env.pool.begin().await.unwrap();
+    let mut tx = env.writer("money").await.begin().await.unwrap();
     let id = enqueue(&mut tx, &event).await.unwrap();
     // Retrying the same insert with the same id is idempotent.
     let again = enqueue_with(
@@ -312,8 +317,9 @@ async fn sigterm_mid_stream_loses_nothing_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_generated_event_ids_are_distinct_lowercase_ulids_of_insert_time() {
     let env = TestEnv::new().await;
+    // The writer role evaluates the default on every insert.
     let ids: Vec<String> = sqlx::query_scalar("SELECT outbox_ulid() FROM generate_series(1, 2000)")
-        .fetch_all(&env.pool)
+        .fetch_all(&env.writer("iam").await)
         .await
         .unwrap();
     let now_ms = chrono::Utc::now().timestamp_millis() as u64;

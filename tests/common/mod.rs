@@ -20,7 +20,8 @@ use rdkafka::ClientConfig;
 use serde_json::Value;
 use sqlx::PgPool;
 
-pub fn admin_url() -> String {
+/// The superuser of the local server (creating test databases only).
+pub fn server_superuser_url() -> String {
     std::env::var("OUTBOX_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:55432/postgres".into())
 }
@@ -44,13 +45,27 @@ pub fn with_database(url: &str, db: &str) -> String {
     format!("{base}/{db}")
 }
 
+/// One test's database and topics, and the login roles that use them as the
+/// documented deployment does: a relay role in `outbox_relay`, an admin in
+/// `outbox_admin`, a writer per publisher in `outbox_writer` (mapped), a
+/// consumer role per consumer name in `outbox_consumer` (mapped). The
+/// superuser only migrates and sets up fixtures, and only through
+/// [`TestEnv::fixtures`], so that no test uses it by accident.
 pub struct TestEnv {
+    pub id: String,
     pub db_name: String,
-    pub db_url: String,
-    pub pool: PgPool,
+    superuser: PgPool,
+    superuser_url: String,
     pub prefix: String,
+    /// Settings of a relay running as [`TestEnv::relay_role`].
     pub settings: Settings,
     pub catalog: Arc<Catalog>,
+    pub relay_role: String,
+    pub admin_role: String,
+    admin: PgPool,
+    writers: tokio::sync::Mutex<HashMap<String, PgPool>>,
+    consumers: tokio::sync::Mutex<HashMap<String, (String, PgPool)>>,
+    roles: std::sync::atomic::AtomicUsize,
 }
 
 /// One message read back from Kafka.
@@ -70,11 +85,11 @@ impl TestEnv {
     }
 
     pub async fn with_partitions(partitions: i32) -> TestEnv {
-        Self::on_services(&admin_url(), &brokers(), partitions).await
+        Self::on_services(&server_superuser_url(), &brokers(), partitions).await
     }
 
-    /// An environment on the given Postgres (admin URL) and Kafka, for tests
-    /// that run their own services.
+    /// An environment on the given Postgres (superuser URL) and Kafka, for
+    /// tests that run their own services.
     pub async fn on_services(admin_url: &str, brokers: &str, partitions: i32) -> TestEnv {
         let id = unique();
         let db_name = format!("t_{id}");
@@ -86,15 +101,28 @@ impl TestEnv {
             .await
             .unwrap();
         admin.close().await;
-        let db_url = with_database(admin_url, &db_name);
-        let pool = PgPool::connect(&db_url).await.unwrap();
-        sql::migrate(&pool).await.unwrap();
+        let superuser_url = with_database(admin_url, &db_name);
+        let superuser = PgPool::connect(&superuser_url).await.unwrap();
+        sql::migrate(&superuser).await.unwrap();
         let catalog = Arc::new(Catalog::load(&[catalog_dir()]).unwrap());
-        sql::sync_catalog(&pool, &catalog).await.unwrap();
+        sql::sync_catalog(&superuser, &catalog).await.unwrap();
+
+        // Role names carry the database's id, so scripts/sweep.sh can drop
+        // them with it.
+        let relay_role = format!("t_{id}_relay");
+        let admin_role = format!("t_{id}_admin");
+        for (role, group) in [(&relay_role, "outbox_relay"), (&admin_role, "outbox_admin")] {
+            sqlx::query(&format!("CREATE ROLE {role} LOGIN IN ROLE {group}"))
+                .execute(&superuser)
+                .await
+                .unwrap();
+        }
+        let relay_url = with_user(&superuser_url, &relay_role);
+        let admin_pool = small_pool(&with_user(&superuser_url, &admin_role)).await;
 
         let prefix = format!("t{id}.");
         let mut settings = Settings::default();
-        settings.database.url = Secret::new(db_url.clone());
+        settings.database.url = Secret::new(relay_url);
         settings.kafka.brokers = brokers.to_string();
         settings.kafka.topic_prefix = prefix.clone();
         settings.catalog.paths = vec![catalog_dir()];
@@ -107,42 +135,135 @@ impl TestEnv {
             .await
             .expect("local Kafka is not running: run `bash scripts/services.sh up`");
         TestEnv {
+            id,
             db_name,
-            db_url,
-            pool,
+            superuser,
+            superuser_url,
             prefix,
             settings,
             catalog,
+            relay_role,
+            admin_role,
+            admin: admin_pool,
+            writers: Default::default(),
+            consumers: Default::default(),
+            roles: Default::default(),
         }
+    }
+
+    /// The superuser: for migrations and fixtures that no deployed role
+    /// performs (a catalog entry removed under a pending row, a forged row,
+    /// a stalled lock). Never for what a writer, relay, admin or consumer does.
+    pub fn fixtures(&self) -> &PgPool {
+        &self.superuser
+    }
+
+    /// The superuser's URL of this database (fixtures only, as above).
+    pub fn fixtures_url(&self) -> &str {
+        &self.superuser_url
+    }
+
+    /// The relay role's URL (the relay's `DATABASE_URL`).
+    pub fn relay_url(&self) -> String {
+        self.url_as(&self.relay_role)
+    }
+
+    /// The admin role's URL (for `outbox-relay dlq …`, `status`).
+    pub fn admin_url(&self) -> String {
+        self.url_as(&self.admin_role)
+    }
+
+    /// A pool as the admin role: DLQ functions, mappings, and reading state
+    /// back (it may read the outbox, the DLQ and the dedupe tables).
+    pub fn admin(&self) -> &PgPool {
+        &self.admin
+    }
+
+    /// A pool as the relay role, with the relay's own connection settings.
+    pub async fn relay_pool(&self) -> PgPool {
+        sql::connect_relay(
+            &self.relay_url(),
+            4,
+            Duration::from_secs(10),
+            Duration::from_secs(60),
+        )
+        .await
+        .unwrap()
+    }
+
+    /// A pool as this environment's writer role for `publisher` (created and
+    /// mapped on first use).
+    pub async fn writer(&self, publisher: &str) -> PgPool {
+        let mut writers = self.writers.lock().await;
+        if let Some(pool) = writers.get(publisher) {
+            return pool.clone();
+        }
+        let role = self.writer_role("w", publisher).await;
+        let pool = small_pool(&self.url_as(&role)).await;
+        writers.insert(publisher.to_string(), pool.clone());
+        pool
+    }
+
+    /// A pool as this environment's consumer role for the consumer `name`
+    /// (created and mapped on first use), and the role's name.
+    pub async fn consumer_role(&self, name: &str) -> (String, PgPool) {
+        let mut consumers = self.consumers.lock().await;
+        if let Some(found) = consumers.get(name) {
+            return found.clone();
+        }
+        let role = self.login_role("c", &["outbox_consumer"]).await;
+        sqlx::query("SELECT outbox_map_consumer($1, $2)")
+            .bind(&role)
+            .bind(name)
+            .execute(&self.admin)
+            .await
+            .unwrap();
+        let pool = small_pool(&self.url_as(&role)).await;
+        consumers.insert(name.to_string(), (role.clone(), pool.clone()));
+        (role, pool)
+    }
+
+    /// A pool as the consumer role for `name`.
+    pub async fn consumer_pool(&self, name: &str) -> PgPool {
+        self.consumer_role(name).await.1
     }
 
     pub fn topic(&self, catalog_topic: &str) -> String {
         format!("{}{catalog_topic}", self.prefix)
     }
 
-    /// Inserts one event with plain SQL (as the superuser, so the trigger
-    /// stamps the catalog publisher). Returns the generated event id.
+    /// Inserts one event with plain SQL as the writer role of the event's
+    /// catalog publisher. Returns the generated event id.
     pub async fn insert(&self, event_type: &str, payload: Value) -> String {
-        sqlx::query_scalar(
-            "INSERT INTO outbox (event_type, payload) VALUES ($1, $2) RETURNING event_id",
-        )
-        .bind(event_type)
-        .bind(payload)
-        .fetch_one(&self.pool)
-        .await
-        .unwrap()
+        let publisher = self
+            .catalog
+            .get(event_type)
+            .unwrap_or_else(|| panic!("{event_type} is not in the catalog"))
+            .publisher
+            .clone();
+        let writer = self.writer(&publisher).await;
+        // A writer may not read the outbox (no RETURNING): it names the id.
+        let event_id = outbox_relay::writer::new_event_id();
+        sqlx::query("INSERT INTO outbox (event_id, event_type, payload) VALUES ($1, $2, $3)")
+            .bind(&event_id)
+            .bind(event_type)
+            .bind(payload)
+            .execute(&writer)
+            .await
+            .unwrap();
+        event_id
     }
 
     pub async fn outbox_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM outbox")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.admin)
             .await
             .unwrap()
     }
 
     pub async fn dlq_count(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM outbox_dlq WHERE state = 'dead'")
-            .fetch_one(&self.pool)
+            .fetch_one(&self.admin)
             .await
             .unwrap()
     }
@@ -152,10 +273,11 @@ impl TestEnv {
         self.relay_with(self.settings.clone()).await
     }
 
+    /// A relay with these settings, connected as the relay role.
     pub async fn relay_with(&self, settings: Settings) -> Relay {
         let producer = publish::create_producer(&settings.kafka).unwrap();
         Relay::new(
-            self.pool.clone(),
+            self.relay_pool().await,
             Arc::new(producer),
             self.catalog.clone(),
             Arc::new(settings),
@@ -203,7 +325,7 @@ impl TestEnv {
     pub fn process_env(&self) -> Vec<(String, String)> {
         let s = &self.settings;
         vec![
-            ("DATABASE_URL".into(), self.db_url.clone()),
+            ("DATABASE_URL".into(), self.relay_url()),
             (
                 "OUTBOX_RELAY_KAFKA__BROKERS".into(),
                 s.kafka.brokers.clone(),
@@ -469,25 +591,27 @@ pub fn db_error(err: &sqlx::Error) -> (String, String) {
 }
 
 impl TestEnv {
-    /// Creates a login role named `{what}_{unique}` (roles are cluster-wide
-    /// and tests run in parallel) as a member of `groups`.
+    /// Creates a login role named `t_{id}_{what}{n}` (roles are cluster-wide;
+    /// the database's id lets scripts/sweep.sh drop them with it) as a
+    /// member of `groups`.
     pub async fn login_role(&self, what: &str, groups: &[&str]) -> String {
-        let role = format!("{what}_{}", unique());
+        let n = self.roles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let role = format!("t_{}_{what}{n}", self.id);
         let mut sql = format!("CREATE ROLE {role} LOGIN");
         if !groups.is_empty() {
             sql.push_str(&format!(" IN ROLE {}", groups.join(", ")));
         }
-        sqlx::query(&sql).execute(&self.pool).await.unwrap();
+        sqlx::query(&sql).execute(&self.superuser).await.unwrap();
         role
     }
 
-    /// A writer login role mapped to `publisher`.
+    /// A writer login role mapped to `publisher` by the admin role.
     pub async fn writer_role(&self, what: &str, publisher: &str) -> String {
         let role = self.login_role(what, &["outbox_writer"]).await;
         sqlx::query("SELECT outbox_map_publisher($1, $2)")
             .bind(&role)
             .bind(publisher)
-            .execute(&self.pool)
+            .execute(&self.admin)
             .await
             .unwrap();
         role
@@ -495,26 +619,30 @@ impl TestEnv {
 
     /// This environment's database URL as `role`.
     pub fn url_as(&self, role: &str) -> String {
-        with_user(&self.db_url, role)
+        with_user(&self.superuser_url, role)
     }
 
     /// A small pool on this environment's database as `role`.
     pub async fn pool_as(&self, role: &str) -> PgPool {
-        sqlx::postgres::PgPoolOptions::new()
-            .max_connections(2)
-            .connect(&self.url_as(role))
-            .await
-            .unwrap()
+        small_pool(&self.url_as(role)).await
     }
 
     /// Drops a role made by [`TestEnv::login_role`] (best effort: its
     /// privileges live in this database only).
     pub async fn drop_role(&self, role: &str) {
         let _ = sqlx::query(&format!("DROP OWNED BY {role}"))
-            .execute(&self.pool)
+            .execute(&self.superuser)
             .await;
         let _ = sqlx::query(&format!("DROP ROLE {role}"))
-            .execute(&self.pool)
+            .execute(&self.superuser)
             .await;
     }
+}
+
+async fn small_pool(url: &str) -> PgPool {
+    sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect(url)
+        .await
+        .unwrap()
 }
