@@ -653,7 +653,7 @@ async fn an_installation_of_the_last_release_upgrades_in_place_and_loses_nothing
         .unwrap();
     assert!(replayed);
     pending.push(dead[3].clone());
-    let still_dead = vec![dead[0].clone(), dead[1].clone()];
+    let still_dead = [dead[0].clone(), dead[1].clone()];
 
     // --- The consumer side: dedupe rows (one for an event still pending,
     // which must never reach the handler) and parked events.
