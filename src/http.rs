@@ -9,6 +9,11 @@
 //!   backlog query, Kafka answered the last metadata request, and — when
 //!   leases are in use — the last lease round succeeded, holding partitions
 //!   or standing by. 503 otherwise, with the failing part named in the body.
+//!   A `schema:` line says how the database's schema compares with the
+//!   binary's migrations (`current`, `newer than this binary (…)`, …); it
+//!   informs and does not decide: a relay on a newer schema is the middle of a
+//!   rolling upgrade and keeps working, and one on an older schema never
+//!   starts.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,6 +63,7 @@ pub struct Readiness {
     pub postgres: AtomicBool,
     pub kafka: AtomicBool,
     leases: Mutex<Option<LeaseState>>,
+    schema: Mutex<Option<String>>,
 }
 
 impl Readiness {
@@ -72,6 +78,13 @@ impl Readiness {
     }
     pub fn leases(&self) -> Option<LeaseState> {
         *self.leases.lock().expect("readiness leases")
+    }
+    /// The schema line (see [`crate::sql::SchemaStatus::summary`]).
+    pub fn set_schema(&self, summary: String) {
+        *self.schema.lock().expect("readiness schema") = Some(summary);
+    }
+    pub fn schema(&self) -> Option<String> {
+        self.schema.lock().expect("readiness schema").clone()
     }
     pub fn is_ready(&self) -> bool {
         self.postgres.load(Ordering::Relaxed)
@@ -98,6 +111,9 @@ impl Readiness {
             Some(LeaseState::Unavailable) => out.push_str("leases: unavailable\n"),
             Some(LeaseState::Holding(n)) => out.push_str(&format!("leases: holding {n}\n")),
             Some(LeaseState::StandingBy) => out.push_str("leases: standing by\n"),
+        }
+        if let Some(schema) = self.schema() {
+            out.push_str(&format!("schema: {schema}\n"));
         }
         out
     }
@@ -233,5 +249,21 @@ mod tests {
         r.set_kafka(false);
         assert!(!r.is_ready());
         assert!(r.report().contains("kafka: unavailable\n"));
+    }
+
+    #[test]
+    fn the_schema_line_informs_without_deciding() {
+        let r = Readiness::default();
+        r.set_postgres(true);
+        r.set_kafka(true);
+        r.set_schema("newer than this binary (0008 unknown to it)".into());
+        assert!(
+            r.is_ready(),
+            "an older relay on a newer schema keeps working"
+        );
+        assert_eq!(
+            r.report(),
+            "postgres: ok\nkafka: ok\nschema: newer than this binary (0008 unknown to it)\n"
+        );
     }
 }

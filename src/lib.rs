@@ -52,6 +52,10 @@ pub enum RunError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     Relay(#[from] relay::RelayError),
+    /// The database's schema does not fit this binary (migrations pending
+    /// or unfinished); the message names them and the fix.
+    #[error("{0}")]
+    Schema(String),
     #[error("metrics: {0}")]
     Metrics(String),
     /// The relay's database role lacks a grant it needs.
@@ -179,6 +183,7 @@ struct SourceHealth {
     readiness: Arc<Readiness>,
     sources: std::sync::Mutex<std::collections::HashMap<String, bool>>,
     leases: std::sync::Mutex<std::collections::HashMap<String, http::LeaseState>>,
+    schemas: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl SourceHealth {
@@ -186,6 +191,30 @@ impl SourceHealth {
         let mut map = self.sources.lock().expect("source health");
         map.insert(source.to_string(), ok);
         self.readiness.set_postgres(map.values().all(|ok| *ok));
+    }
+
+    fn schema_of(&self, source: &str) -> Option<String> {
+        self.schemas
+            .lock()
+            .expect("schema health")
+            .get(source)
+            .cloned()
+    }
+
+    /// One schema line for all sources: the shared state, or each source's.
+    fn set_schema(&self, source: &str, summary: String) {
+        let mut map = self.schemas.lock().expect("schema health");
+        map.insert(source.to_string(), summary);
+        let first = map.values().next().cloned().unwrap_or_default();
+        let folded = if map.values().all(|s| *s == first) {
+            first
+        } else {
+            map.iter()
+                .map(|(name, s)| format!("{name} {s}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        self.readiness.set_schema(folded);
     }
 
     /// Unavailable if any source's lease task cannot reach its database;
@@ -204,6 +233,95 @@ impl SourceHealth {
     }
 }
 
+/// Compares a source's schema with this binary's migrations before relaying
+/// it: pending or unfinished migrations stop the source (the relay's
+/// statements would fail on missing columns or functions, or worse, work on
+/// half a change); migrations this binary does not know are expected while
+/// relays are rolled after `migrate` and only warned about. Returns the
+/// `/readyz` schema line. An outage is waited out like [`connect_db`] does.
+pub async fn check_schema(
+    pool: &PgPool,
+    source: &str,
+    settings: &Settings,
+    token: &CancellationToken,
+) -> Result<String, RunError> {
+    let mut delays = relay::db_backoff();
+    loop {
+        match sql::schema_status(pool).await {
+            Ok(status) => return schema_verdict(source, &status),
+            Err(err @ sql::SchemaError::NoAccess { .. }) => {
+                // Not fatal: the relay's own privileges are what it needs
+                // to work, and a role without this grant worked before the
+                // check existed. It is said loudly, and on /readyz.
+                tracing::warn!(source = %source, error = %err,
+                    "cannot compare the database schema with this binary");
+                return Ok(schema_unknown(&err));
+            }
+            Err(err)
+                if err.is_transient() && !settings.relay.fail_fast && !token.is_cancelled() =>
+            {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(source = %source, error = %err,
+                    retry_in_ms = delay.as_millis() as u64, "waiting to read the schema version");
+                tokio::select! {
+                    _ = token.cancelled() => return Err(RunError::Schema(err.to_string())),
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+            Err(sql::SchemaError::Db(err)) => return Err(err.into()),
+        }
+    }
+}
+
+fn schema_unknown(err: &sql::SchemaError) -> String {
+    match err {
+        sql::SchemaError::NoAccess { role } => format!(
+            "unknown (role {role} may not read _sqlx_migrations: \
+             GRANT SELECT ON _sqlx_migrations TO outbox_relay, outbox_admin)"
+        ),
+        other => format!("unknown ({other})"),
+    }
+}
+
+/// What start-up does with a schema status: an error that stops the source,
+/// or the `/readyz` line (after a warning when the schema is newer or edited).
+pub fn schema_verdict(source: &str, status: &sql::SchemaStatus) -> Result<String, RunError> {
+    let list = |ms: &[sql::MigrationInfo]| {
+        ms.iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if !status.failed.is_empty() {
+        return Err(RunError::Schema(format!(
+            "source {source}: migration {} started and did not finish; the schema is in an \
+             unknown state, so the relay does not start. Repair it (see docs/operations.md, \
+             Upgrading), then run `outbox-relay migrate`",
+            list(&status.failed)
+        )));
+    }
+    if !status.pending.is_empty() {
+        return Err(RunError::Schema(format!(
+            "source {source}: the database schema is older than this binary (outbox-relay \
+             {VERSION}): migrations {} are pending. Run `outbox-relay migrate` (from this \
+             release) first, then start the relay; `outbox-relay migrate --dry-run` lists them",
+            list(&status.pending)
+        )));
+    }
+    if !status.unknown.is_empty() {
+        tracing::warn!(source = %source, unknown = %list(&status.unknown), version = VERSION,
+            "the database schema is newer than this binary: it has migrations this release does \
+             not know. Expected while relays are rolled after `migrate`; finish the upgrade \
+             (or check the release notes allow this binary on that schema)");
+    }
+    if !status.mismatched.is_empty() {
+        tracing::warn!(source = %source, edited = %list(&status.mismatched),
+            "applied migrations differ from this binary's files (edited after release): \
+             `outbox-relay migrate` will refuse to run until they match");
+    }
+    Ok(status.summary())
+}
+
 /// Every two seconds: backlog gauges and readiness of one source (and the
 /// heartbeat when leases are off; the lease task sends it otherwise).
 /// Cheap with millions of rows: see [`sql::backlog`].
@@ -219,7 +337,25 @@ async fn watch(
     // Fixed at install, so read once: the "partitions without owner" alert
     // compares it with the leases relays report.
     let mut partitions_known = relay.leases().is_none();
+    // The schema can move under a running relay (`migrate` of a later
+    // release during a rolling upgrade): re-read it every 15 rounds (30 s).
+    let mut round: u64 = 0;
     loop {
+        round += 1;
+        if round % 15 == 0 {
+            let line = match sql::schema_status(&pool).await {
+                Ok(status) => Some(status.summary()),
+                Err(err @ sql::SchemaError::NoAccess { .. }) => Some(schema_unknown(&err)),
+                // An outage: the backlog query reports it.
+                Err(_) => None,
+            };
+            if let Some(line) = line {
+                if health.schema_of(&source).as_deref() != Some(line.as_str()) {
+                    tracing::warn!(source = %source, schema = %line, "the database schema changed");
+                }
+                health.set_schema(&source, line);
+            }
+        }
         let reachable = match sql::backlog(&pool, EXACT_COUNT_BELOW).await {
             Ok(b) => {
                 health.set(&source, true);
@@ -332,7 +468,19 @@ async fn run_source(
 ) -> Result<Arc<RelayProducer>, RunError> {
     health.set(&source.name, false);
     let pool = connect_db(&settings, &source, &token).await?;
-    check_privileges(&pool, &source.name).await?;
+    // The schema first: a pending migration also explains missing grants.
+    let schema = match check_schema(&pool, &source.name, &settings, &token).await {
+        Ok(line) => line,
+        Err(err) => {
+            pool.close().await;
+            return Err(err);
+        }
+    };
+    health.set_schema(&source.name, schema);
+    if let Err(err) = check_privileges(&pool, &source.name).await {
+        pool.close().await;
+        return Err(err);
+    }
     let relay_id = relay_id();
     let mut relay =
         Relay::new(pool.clone(), producer, catalog, settings.clone()).with_source(&source.name);

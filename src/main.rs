@@ -30,7 +30,14 @@ enum Command {
     /// Run the relay until SIGINT or SIGTERM.
     Run,
     /// Apply the database migrations and mirror the catalog into the database.
-    Migrate,
+    Migrate {
+        /// Change nothing: list the applied and pending migrations and exit
+        /// 0 when nothing would run, 3 when migrations would run, 4 when
+        /// `migrate` would refuse (an edited or unfinished migration, or
+        /// migrations this binary does not know).
+        #[arg(long, visible_alias = "check")]
+        dry_run: bool,
+    },
     /// Inspect or validate the event catalog.
     #[command(subcommand)]
     Catalog(CatalogCmd),
@@ -169,12 +176,30 @@ async fn main() -> Result<()> {
     init_tracing(&settings);
     match cli.command {
         Command::Run => outbox_relay::run(settings, shutdown_signal()).await?,
-        Command::Migrate => {
+        Command::Migrate { dry_run: true } => {
+            let pool = pool(&settings).await?;
+            let status = sql::schema_status(&pool)
+                .await
+                .context("comparing the database schema with this binary's migrations")?;
+            print!("{}", render_schema(&status));
+            pool.close().await;
+            std::process::exit(dry_run_exit_code(&status));
+        }
+        Command::Migrate { dry_run: false } => {
             let catalog = Catalog::load(&settings.catalog.paths)?;
             let pool = pool(&settings).await?;
+            // Read first so that the output names what this run applied; a
+            // role that cannot read it cannot migrate either, and says so below.
+            let before = sql::schema_status(&pool).await.ok();
             sql::migrate_with(&pool, settings.leases.vpartitions)
                 .await
-                .context("applying migrations")?;
+                .context(
+                    "applying migrations (`outbox-relay migrate --dry-run` shows how the database \
+                     differs from this binary's migrations)",
+                )?;
+            for m in before.iter().flat_map(|b| &b.pending) {
+                println!("applied  {m}");
+            }
             let n = sql::sync_catalog(&pool, &catalog).await?;
             println!("migrations applied; {n} catalog events mirrored into outbox_catalog");
         }
@@ -251,6 +276,100 @@ async fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `migrate --dry-run`: nothing would run.
+const DRY_RUN_CURRENT: i32 = 0;
+/// `migrate --dry-run`: `migrate` would apply migrations.
+const DRY_RUN_PENDING: i32 = 3;
+/// `migrate --dry-run`: `migrate` would refuse to run.
+const DRY_RUN_REFUSED: i32 = 4;
+
+fn dry_run_exit_code(status: &sql::SchemaStatus) -> i32 {
+    if status.migrate_would_refuse() {
+        DRY_RUN_REFUSED
+    } else if !status.pending.is_empty() {
+        DRY_RUN_PENDING
+    } else {
+        DRY_RUN_CURRENT
+    }
+}
+
+/// The `migrate --dry-run` report: one line per migration, then what to do.
+fn render_schema(status: &sql::SchemaStatus) -> String {
+    let mut out = String::new();
+    let mut line = |state: &str, m: &sql::MigrationInfo, note: &str| {
+        out.push_str(&format!("{state:<9}{m}{note}\n"));
+    };
+    let mut all: Vec<(&str, &sql::MigrationInfo, &str)> = Vec::new();
+    all.extend(status.applied.iter().map(|m| ("applied", m, "")));
+    all.extend(status.pending.iter().map(|m| ("pending", m, "")));
+    all.extend(
+        status
+            .unknown
+            .iter()
+            .map(|m| ("unknown", m, "  (applied by a newer release)")),
+    );
+    all.extend(status.mismatched.iter().map(|m| {
+        (
+            "edited",
+            m,
+            "  (applied, but this binary's file has another checksum)",
+        )
+    }));
+    all.extend(
+        status
+            .failed
+            .iter()
+            .map(|m| ("failed", m, "  (started and did not finish)")),
+    );
+    all.sort_by_key(|(_, m, _)| m.version);
+    for (state, m, note) in all {
+        line(state, m, note);
+    }
+    let versions = |ms: &[sql::MigrationInfo]| {
+        ms.iter()
+            .map(|m| format!("{:04}", m.version))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if status.is_current() {
+        out.push_str("\nthe schema is current: `outbox-relay migrate` has nothing to run\n");
+        return out;
+    }
+    out.push('\n');
+    if !status.failed.is_empty() {
+        out.push_str(&format!(
+            "migration {} started and did not finish: `migrate` refuses to run until the schema \
+             is repaired by hand and its _sqlx_migrations row removed (docs/operations.md, Upgrading)\n",
+            versions(&status.failed)
+        ));
+    }
+    if !status.mismatched.is_empty() {
+        out.push_str(&format!(
+            "migration {} was changed after it was applied: `migrate` refuses to run. Use the \
+             released file again (CHANGELOG.md names each release's commit) and put the change \
+             in a new migration\n",
+            versions(&status.mismatched)
+        ));
+    }
+    if !status.unknown.is_empty() {
+        out.push_str(&format!(
+            "the database is newer than this binary (outbox-relay {}): it has migration {} that \
+             this release does not know, so this release's `migrate` refuses to run; use the \
+             newer release's `migrate`\n",
+            outbox_relay::VERSION,
+            versions(&status.unknown)
+        ));
+    }
+    if !status.pending.is_empty() {
+        out.push_str(&format!(
+            "{} migration(s) would run: {}; `outbox-relay migrate` applies them\n",
+            status.pending.len(),
+            versions(&status.pending)
+        ));
+    }
+    out
 }
 
 async fn dlq(settings: &Settings, cmd: DlqCmd) -> Result<()> {
