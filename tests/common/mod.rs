@@ -91,6 +91,21 @@ impl TestEnv {
     /// An environment on the given Postgres (superuser URL) and Kafka, for
     /// tests that run their own services.
     pub async fn on_services(admin_url: &str, brokers: &str, partitions: i32) -> TestEnv {
+        Self::create(admin_url, brokers, partitions, None).await
+    }
+
+    /// An environment whose schema is what `migrator` makes (an older
+    /// release's migrations, for the upgrade tests) instead of this binary's.
+    pub async fn with_migrator(migrator: &sqlx::migrate::Migrator) -> TestEnv {
+        Self::create(&server_superuser_url(), &brokers(), 3, Some(migrator)).await
+    }
+
+    async fn create(
+        admin_url: &str,
+        brokers: &str,
+        partitions: i32,
+        migrator: Option<&sqlx::migrate::Migrator>,
+    ) -> TestEnv {
         let id = unique();
         let db_name = format!("t_{id}");
         let admin = sqlx::PgPool::connect(admin_url)
@@ -103,7 +118,10 @@ impl TestEnv {
         admin.close().await;
         let superuser_url = with_database(admin_url, &db_name);
         let superuser = PgPool::connect(&superuser_url).await.unwrap();
-        sql::migrate(&superuser).await.unwrap();
+        match migrator {
+            Some(m) => m.run(&superuser).await.unwrap(),
+            None => sql::migrate(&superuser).await.unwrap(),
+        }
         let catalog = Arc::new(Catalog::load(&[catalog_dir()]).unwrap());
         sql::sync_catalog(&superuser, &catalog).await.unwrap();
 
