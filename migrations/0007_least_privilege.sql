@@ -10,6 +10,12 @@
 -- keep writing its dedupe rows; until then its inserts are refused and the
 -- consumer kit retries them (nothing is lost, the consumer pauses).
 
+-- Enabling row security takes an exclusive lock on the mapping, dedupe and
+-- parked tables; every writer's insert reads the publisher mapping. Rather
+-- than wait behind a long transaction with writers queued behind it, the
+-- migration gives up (and rolls back whole) after 10 s: run it again.
+SET LOCAL lock_timeout = '10s';
+
 -- The retry bookkeeping column added by 0003 after 0002 granted the others:
 -- without it the relay's outbox_schedule_retry fails with 42501 on the first
 -- transient publish failure.
