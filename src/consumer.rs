@@ -615,6 +615,13 @@ impl Consumer {
                 role().await?
             )));
         }
+        if !access.mapping_table && !access.mapped {
+            return Err(ConsumerError::Schema(
+                "table outbox_consumer_roles does not exist: this database's schema is older than the \
+                 consumer kit; run `outbox-relay migrate` against it, then map the consumer's role"
+                    .into(),
+            ));
+        }
         if !access.mapped {
             let role = role().await?;
             return Err(ConsumerError::Schema(format!(
@@ -744,8 +751,14 @@ impl Consumer {
     ) -> Option<Outcome> {
         let name = &self.settings.name;
         // jsonb strings cannot hold NUL.
-        let text = String::from_utf8_lossy(msg.payload().unwrap_or_default()).replace('\0', "\u{fffd}");
-        let event_id = format!("undecodable:{}:{}:{}", msg.topic(), msg.partition(), msg.offset());
+        let text =
+            String::from_utf8_lossy(msg.payload().unwrap_or_default()).replace('\0', "\u{fffd}");
+        let event_id = format!(
+            "undecodable:{}:{}:{}",
+            msg.topic(),
+            msg.partition(),
+            msg.offset()
+        );
         let error = format!("not a decodable event envelope: {err}");
         let mut delays = self.retry_delays();
         loop {

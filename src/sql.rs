@@ -805,34 +805,53 @@ pub async fn leases_by_owner(pool: &PgPool) -> sqlx::Result<Vec<(String, i64)>> 
 
 /// What a consumer's role may do with the dedupe table, for the kit's
 /// start-up check.
-#[derive(Debug, Clone, Copy, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DedupeAccess {
     /// `processed_event_ids` exists.
     pub exists: bool,
     /// The role holds INSERT on it (a member of `outbox_consumer`).
     pub can_insert: bool,
+    /// `outbox_consumer_roles` exists (migration 0007 or later).
+    pub mapping_table: bool,
     /// Row security lets it write rows of this consumer name: it is mapped
     /// with `outbox_map_consumer`, or it is the owner or a superuser.
     pub mapped: bool,
 }
 
+/// Step by step, because PostgreSQL resolves every table a statement names,
+/// and checks the privileges on it, before it evaluates any condition: a
+/// missing table or a role without access would otherwise answer with a raw
+/// error instead of the message that names the fix.
 pub async fn dedupe_access(pool: &PgPool, consumer: &str) -> sqlx::Result<DedupeAccess> {
-    // CASE guards each step against objects an older schema does not have.
-    sqlx::query_as(
-        "SELECT to_regclass('processed_event_ids') IS NOT NULL AS exists, \
+    let mut access = DedupeAccess::default();
+    (access.exists, access.can_insert, access.mapping_table) = sqlx::query_as(
+        "SELECT to_regclass('processed_event_ids') IS NOT NULL, \
                 CASE WHEN to_regclass('processed_event_ids') IS NULL THEN false \
-                     ELSE has_table_privilege('processed_event_ids', 'INSERT') END AS can_insert, \
-                CASE WHEN to_regclass('processed_event_ids') IS NULL THEN false \
-                     WHEN (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user) THEN true \
-                     WHEN pg_has_role(current_user, (SELECT relowner FROM pg_class \
-                                                      WHERE oid = to_regclass('processed_event_ids')), 'USAGE') THEN true \
-                     WHEN to_regclass('outbox_consumer_roles') IS NULL THEN false \
-                     ELSE EXISTS (SELECT 1 FROM outbox_consumer_roles \
-                                   WHERE role_name = current_user AND consumer = $1) END AS mapped",
+                     ELSE has_table_privilege('processed_event_ids', 'INSERT') END, \
+                to_regclass('outbox_consumer_roles') IS NOT NULL",
     )
-    .bind(consumer)
     .fetch_one(pool)
-    .await
+    .await?;
+    if !access.exists || !access.can_insert {
+        return Ok(access);
+    }
+    let bypasses: bool = sqlx::query_scalar(
+        "SELECT (SELECT rolsuper OR rolbypassrls FROM pg_roles WHERE rolname = current_user) \
+             OR pg_has_role(current_user, (SELECT relowner FROM pg_class \
+                                            WHERE oid = 'processed_event_ids'::regclass), 'USAGE')",
+    )
+    .fetch_one(pool)
+    .await?;
+    access.mapped = bypasses
+        || (access.mapping_table
+            && sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM outbox_consumer_roles \
+                                 WHERE role_name = current_user AND consumer = $1)",
+            )
+            .bind(consumer)
+            .fetch_one(pool)
+            .await?);
+    Ok(access)
 }
 
 /// Records that `consumer` processed `event_id`; false when it already had.

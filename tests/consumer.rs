@@ -22,6 +22,7 @@ use outbox_relay::consumer::{
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
+use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 const MANIFEST: &str = r#"{"name": "@acme/crm", "version": "1.2.0",
@@ -39,27 +40,29 @@ fn settings(env: &TestEnv, name: &str) -> ConsumerSettings {
 }
 
 /// The handlers' side effect: one row per handler run that committed, and
-/// deliberately no unique key, so a second run would show.
-async fn side_effect_table(env: &TestEnv, role: Option<&str>) {
+/// deliberately no unique key, so a second run would show. It is the
+/// module's own table. Fixture: the module's schema owner (the superuser
+/// here) creates it and grants it to the module's consumer role; no outbox
+/// role may create tables.
+async fn side_effect_table(env: &TestEnv, role: &str) {
     sqlx::query(
         "CREATE TABLE side_effects (id bigint GENERATED ALWAYS AS IDENTITY, \
          consumer text NOT NULL, event_id text NOT NULL, event_type text NOT NULL)",
     )
-    .execute(&env.pool)
+    .execute(env.fixtures())
     .await
     .unwrap();
-    if let Some(role) = role {
-        sqlx::query(&format!("GRANT INSERT ON side_effects TO {role}"))
-            .execute(&env.pool)
-            .await
-            .unwrap();
-    }
+    sqlx::query(&format!("GRANT SELECT, INSERT ON side_effects TO {role}"))
+        .execute(env.fixtures())
+        .await
+        .unwrap();
 }
 
-async fn side_effects(env: &TestEnv, event_id: &str) -> i64 {
+/// Handler runs recorded for `event_id`, read by the module's own role.
+async fn side_effects(pool: &PgPool, event_id: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM side_effects WHERE event_id = $1")
         .bind(event_id)
-        .fetch_one(&env.pool)
+        .fetch_one(pool)
         .await
         .unwrap()
 }
@@ -124,22 +127,27 @@ fn metric(name: &str, consumer: &str, event_type: &str, outcome: &str) -> Option
 async fn an_sql_insert_reaches_the_kit_handler_through_the_relay() {
     outbox_relay::metrics_handle().unwrap();
     let env = TestEnv::new().await;
-    let role = env.login_role("crm_consumer", &["outbox_consumer"]).await;
-    side_effect_table(&env, Some(&role)).await;
+    let name = format!("crm-{}", unique());
+    let (role, pool) = env.consumer_role(&name).await;
+    side_effect_table(&env, &role).await;
 
-    let created: String = sqlx::query_scalar(
-        "INSERT INTO outbox (event_type, tenant_id, payload, headers) VALUES ('auth.user.created', 'tenant-x', $1, $2) \
-         RETURNING event_id",
+    // The iam writer names the id (it may not read the row back); the
+    // admin reads when the database says the event occurred.
+    let created = outbox_relay::writer::new_event_id();
+    sqlx::query(
+        "INSERT INTO outbox (event_id, event_type, tenant_id, payload, headers) \
+         VALUES ($1, 'auth.user.created', 'tenant-x', $2, $3)",
     )
+    .bind(&created)
     .bind(example_payload("auth.user.created"))
     .bind(json!({"correlationId": "corr-1"}))
-    .fetch_one(&env.pool)
+    .execute(&env.writer("iam").await)
     .await
     .unwrap();
     let occurred_at: chrono::DateTime<chrono::Utc> =
         sqlx::query_scalar("SELECT occurred_at FROM outbox WHERE event_id = $1")
             .bind(&created)
-            .fetch_one(&env.pool)
+            .fetch_one(env.admin())
             .await
             .unwrap();
     // Same topic, not subscribed: skipped. Another topic: never read.
@@ -162,12 +170,11 @@ async fn an_sql_insert_reaches_the_kit_handler_through_the_relay() {
     let relay = env.relay().await;
     env.drain(&relay).await;
 
-    let name = format!("crm-{}", unique());
     let manifest = Manifest::parse("module.manifest.json", MANIFEST).unwrap();
     let mut consumer = Consumer::new(
         &manifest,
         env.catalog.clone(),
-        env.pool_as(&role).await,
+        pool.clone(),
         settings(&env, &name),
     )
     .unwrap();
@@ -214,12 +221,12 @@ async fn an_sql_insert_reaches_the_kit_handler_through_the_relay() {
     assert!(seen.iter().any(|e| e.id == credited && e.source == "money"));
     assert_eq!(seen.len(), 2);
 
-    assert_eq!(side_effects(&env, &created).await, 1);
-    assert_eq!(side_effects(&env, &credited).await, 1);
+    assert_eq!(side_effects(&pool, &created).await, 1);
+    assert_eq!(side_effects(&pool, &credited).await, 1);
     let processed: i64 =
         sqlx::query_scalar("SELECT count(*) FROM processed_event_ids WHERE consumer = $1")
             .bind(&name)
-            .fetch_one(&env.pool)
+            .fetch_one(env.admin())
             .await
             .unwrap();
     assert_eq!(processed, 2);
@@ -240,18 +247,19 @@ async fn an_sql_insert_reaches_the_kit_handler_through_the_relay() {
 async fn a_failing_handler_rolls_back_and_is_retried_until_it_succeeds() {
     outbox_relay::metrics_handle().unwrap();
     let env = TestEnv::new().await;
-    side_effect_table(&env, None).await;
+    let name = format!("crm-{}", unique());
+    let (role, pool) = env.consumer_role(&name).await;
+    side_effect_table(&env, &role).await;
     let id = env
         .insert("auth.user.created", example_payload("auth.user.created"))
         .await;
     env.drain(&env.relay().await).await;
 
-    let name = format!("crm-{}", unique());
     let manifest = Manifest::parse("module.manifest.json", MANIFEST).unwrap();
     let mut consumer = Consumer::new(
         &manifest,
         env.catalog.clone(),
-        env.pool.clone(),
+        pool.clone(),
         settings(&env, &name),
     )
     .unwrap();
@@ -277,7 +285,7 @@ async fn a_failing_handler_rolls_back_and_is_retried_until_it_succeeds() {
     );
     assert_eq!(stats.snapshot().failed_attempts, 2);
     assert_eq!(
-        side_effects(&env, &id).await,
+        side_effects(&pool, &id).await,
         1,
         "the failed attempts' writes were rolled back"
     );
@@ -292,8 +300,9 @@ async fn a_failing_handler_rolls_back_and_is_retried_until_it_succeeds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_the_park_policy_a_poison_event_is_parked_and_the_next_one_processed() {
     let env = TestEnv::new().await;
-    let role = env.login_role("crm_consumer", &["outbox_consumer"]).await;
-    side_effect_table(&env, Some(&role)).await;
+    let name = format!("crm-{}", unique());
+    let (role, pool) = env.consumer_role(&name).await;
+    side_effect_table(&env, &role).await;
     let mut poison = example_payload("auth.user.created");
     poison["email"] = json!("poison@example.com");
     let bad = env.insert("auth.user.created", poison).await;
@@ -302,12 +311,10 @@ async fn under_the_park_policy_a_poison_event_is_parked_and_the_next_one_process
         .await;
     env.drain(&env.relay().await).await;
 
-    let name = format!("crm-{}", unique());
     let manifest = Manifest::parse("module.manifest.json", MANIFEST).unwrap();
     let mut s = settings(&env, &name);
     s.on_failure = FailurePolicy::Park { after_attempts: 3 };
-    let mut consumer =
-        Consumer::new(&manifest, env.catalog.clone(), env.pool_as(&role).await, s).unwrap();
+    let mut consumer = Consumer::new(&manifest, env.catalog.clone(), pool.clone(), s).unwrap();
     record(
         &mut consumer,
         "auth.user.created",
@@ -326,7 +333,7 @@ async fn under_the_park_policy_a_poison_event_is_parked_and_the_next_one_process
         "SELECT event_id, last_error, attempts, envelope FROM consumer_parked_events WHERE consumer = $1",
     )
     .bind(&name)
-    .fetch_one(&env.pool)
+    .fetch_one(env.admin())
     .await
     .unwrap();
     assert_eq!(parked.0, bad);
@@ -336,7 +343,7 @@ async fn under_the_park_policy_a_poison_event_is_parked_and_the_next_one_process
     let processed: Vec<String> =
         sqlx::query_scalar("SELECT event_id FROM processed_event_ids WHERE consumer = $1")
             .bind(&name)
-            .fetch_all(&env.pool)
+            .fetch_all(env.admin())
             .await
             .unwrap();
     assert_eq!(
@@ -344,8 +351,8 @@ async fn under_the_park_policy_a_poison_event_is_parked_and_the_next_one_process
         vec![good.clone()],
         "a parked event is not marked processed"
     );
-    assert_eq!(side_effects(&env, &bad).await, 0);
-    assert_eq!(side_effects(&env, &good).await, 1);
+    assert_eq!(side_effects(&pool, &bad).await, 0);
+    assert_eq!(side_effects(&pool, &good).await, 1);
     env.drop_role(&role).await;
 }
 
@@ -353,8 +360,9 @@ async fn under_the_park_policy_a_poison_event_is_parked_and_the_next_one_process
 async fn an_event_replayed_from_the_dlq_a_day_later_is_skipped() {
     outbox_relay::metrics_handle().unwrap();
     let env = TestEnv::new().await;
-    side_effect_table(&env, None).await;
-    let admin = env.login_role("admin", &["outbox_admin"]).await;
+    let name = format!("crm-{}", unique());
+    let (role, pool) = env.consumer_role(&name).await;
+    side_effect_table(&env, &role).await;
     let id = env
         .insert(
             "money.wallet.credited",
@@ -364,12 +372,11 @@ async fn an_event_replayed_from_the_dlq_a_day_later_is_skipped() {
     let relay = env.relay().await;
     env.drain(&relay).await;
 
-    let name = format!("crm-{}", unique());
     let manifest = Manifest::parse("module.manifest.json", MANIFEST).unwrap();
     let mut consumer = Consumer::new(
         &manifest,
         env.catalog.clone(),
-        env.pool.clone(),
+        pool.clone(),
         settings(&env, &name),
     )
     .unwrap();
@@ -386,14 +393,16 @@ async fn an_event_replayed_from_the_dlq_a_day_later_is_skipped() {
 
     // A day later: the dedupe row is 25 hours old (past any TTL cache) and
     // the same event comes back from the DLQ, as when Kafka had stored it
-    // but its acknowledgement was lost until the relay gave up.
+    // but its acknowledgement was lost until the relay gave up. Fixtures:
+    // no role may backdate a dedupe row or write a DLQ entry with a
+    // made-up history, so the superuser fakes the day that passed.
     sqlx::query(
         "UPDATE processed_event_ids SET processed_at = now() - interval '25 hours' \
          WHERE consumer = $1 AND event_id = $2",
     )
     .bind(&name)
     .bind(&id)
-    .execute(&env.pool)
+    .execute(env.fixtures())
     .await
     .unwrap();
     sqlx::query(
@@ -405,12 +414,13 @@ async fn an_event_replayed_from_the_dlq_a_day_later_is_skipped() {
     )
     .bind(&id)
     .bind(example_payload("money.wallet.credited"))
-    .execute(&env.pool)
+    .execute(env.fixtures())
     .await
     .unwrap();
+    // The admin replays it.
     let replayed: bool = sqlx::query_scalar("SELECT outbox_dlq_replay_event($1)")
         .bind(&id)
-        .fetch_one(&env.pool_as(&admin).await)
+        .fetch_one(env.admin())
         .await
         .unwrap();
     assert!(replayed);
@@ -421,7 +431,7 @@ async fn an_event_replayed_from_the_dlq_a_day_later_is_skipped() {
     task.await.unwrap().unwrap();
     assert_eq!(stats.snapshot().processed, 1);
     assert_eq!(
-        side_effects(&env, &id).await,
+        side_effects(&pool, &id).await,
         1,
         "the handler did not run again"
     );
@@ -431,7 +441,7 @@ async fn an_event_replayed_from_the_dlq_a_day_later_is_skipped() {
     )
     .bind(&name)
     .bind(&id)
-    .fetch_one(&env.pool)
+    .fetch_one(env.admin())
     .await
     .unwrap();
     assert!(
@@ -447,7 +457,6 @@ async fn an_event_replayed_from_the_dlq_a_day_later_is_skipped() {
         ),
         Some(1.0)
     );
-    env.drop_role(&admin).await;
 }
 
 #[tokio::test]
@@ -458,7 +467,8 @@ async fn subscribing_to_an_event_the_manifest_does_not_declare_is_403() {
         r#"{"name": "@acme/crm", "events": {"subscribes": ["auth.user.created"]}}"#,
     )
     .unwrap();
-    let pool = sqlx::PgPool::connect_lazy(&admin_url()).unwrap();
+    // Never connected: building and subscribing touch no database.
+    let pool = sqlx::PgPool::connect_lazy(&unconnected_consumer_url()).unwrap();
     let kafka = outbox_relay::config::Settings::default().kafka;
     let mut consumer = Consumer::new(
         &manifest,
@@ -497,7 +507,8 @@ fn an_unknown_manifest_entry_fails_start_up() {
         .build()
         .unwrap();
     let _guard = rt.enter();
-    let pool = sqlx::PgPool::connect_lazy(&admin_url()).unwrap();
+    // Never connected: the manifest is checked before any database use.
+    let pool = sqlx::PgPool::connect_lazy(&unconnected_consumer_url()).unwrap();
     let kafka = outbox_relay::config::Settings::default().kafka;
     let err = Consumer::new(
         &manifest,
@@ -540,10 +551,17 @@ fn example_binary() -> PathBuf {
         .clone()
 }
 
-fn example(env: &TestEnv, name: &str, manifest: &std::path::Path, extra: &[&str]) -> Command {
+/// The example consumer as the login role of `url`.
+fn example(
+    env: &TestEnv,
+    url: &str,
+    name: &str,
+    manifest: &std::path::Path,
+    extra: &[&str],
+) -> Command {
     let mut cmd = Command::new(example_binary());
     cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("DATABASE_URL", &env.db_url)
+        .env("DATABASE_URL", url)
         .env("KAFKA_BROKERS", &env.settings.kafka.brokers)
         .env("KAFKA_TOPIC_PREFIX", &env.prefix)
         .env("RUST_LOG", "info")
@@ -606,12 +624,37 @@ async fn committed(group: &str, topic: &str, partitions: i32) -> Vec<Offset> {
     .unwrap()
 }
 
-async fn activity(env: &TestEnv, event_id: &str) -> i64 {
+/// The example module's rows for `event_id`, read by the module's role.
+async fn activity(pool: &PgPool, event_id: &str) -> i64 {
     sqlx::query_scalar("SELECT count(*) FROM crm_activity WHERE event_id = $1")
         .bind(event_id)
-        .fetch_one(&env.pool)
+        .fetch_one(pool)
         .await
         .unwrap_or(0)
+}
+
+/// The example module's table, as `examples/consumer.rs` would create it.
+/// Fixture: the module's schema owner (the superuser here) creates it and
+/// grants it to the module's consumer roles, which may not create tables.
+async fn crm_activity_table(env: &TestEnv, roles: &[&str]) {
+    sqlx::query(
+        "CREATE TABLE crm_activity (\
+             id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, \
+             event_id text NOT NULL, \
+             event_type text NOT NULL, \
+             user_id text NOT NULL, \
+             detail text NOT NULL, \
+             recorded_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(env.fixtures())
+    .await
+    .unwrap();
+    for role in roles {
+        sqlx::query(&format!("GRANT SELECT, INSERT ON crm_activity TO {role}"))
+            .execute(env.fixtures())
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -624,9 +667,14 @@ async fn killed_between_db_commit_and_offset_commit_the_example_consumer_has_exa
     env.drain(&relay).await;
     let name = format!("crm-{}", unique());
     let topic = env.topic("platform.auth.events");
+    // Both runs of the consumer use the role mapped to its name.
+    let (role, pool) = env.consumer_role(&name).await;
+    crm_activity_table(&env, &[&role]).await;
+    let url = env.url_as(&role);
 
     let mut crashing = example(
         &env,
+        &url,
         &name,
         &example_manifest(),
         &["--hang-after-db-commit"],
@@ -651,7 +699,7 @@ async fn killed_between_db_commit_and_offset_commit_the_example_consumer_has_exa
 
     // Exactly at the crash point: the effect and the dedupe row are
     // committed, the offset is not.
-    assert_eq!(activity(&env, &first).await, 1);
+    assert_eq!(activity(&pool, &first).await, 1);
     assert_eq!(
         committed(&name, &topic, 3).await,
         vec![Offset::Invalid; 3],
@@ -660,7 +708,7 @@ async fn killed_between_db_commit_and_offset_commit_the_example_consumer_has_exa
     kill(Pid::from_raw(crashing.id() as i32), Signal::SIGKILL).unwrap();
     crashing.wait().unwrap();
 
-    let mut restarted = example(&env, &name, &example_manifest(), &[])
+    let mut restarted = example(&env, &url, &name, &example_manifest(), &[])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -689,12 +737,12 @@ async fn killed_between_db_commit_and_offset_commit_the_example_consumer_has_exa
     env.drain(&relay).await;
     assert!(
         eventually(Duration::from_secs(30), || async {
-            activity(&env, &second).await == 1
+            activity(&pool, &second).await == 1
         })
         .await,
         "the next event is processed"
     );
-    assert_eq!(activity(&env, &first).await, 1, "exactly one effect");
+    assert_eq!(activity(&pool, &first).await, 1, "exactly one effect");
     assert!(
         eventually(Duration::from_secs(15), || async {
             committed(&name, &topic, 3)
@@ -727,10 +775,20 @@ async fn the_example_consumer_refuses_to_start_on_403_or_an_unknown_manifest_ent
             "events.subscribes[1]: unknown event type `money.wallet.refunded`: not in the event catalog",
         ),
     ];
+    // One consumer name, one mapped role each; the module's table exists,
+    // so only the manifest can stop them.
+    let names: Vec<String> = (0..cases.len())
+        .map(|_| format!("crm-{}", unique()))
+        .collect();
+    let mut roles = Vec::new();
+    for name in &names {
+        roles.push(env.consumer_role(name).await.0);
+    }
+    crm_activity_table(&env, &roles.iter().map(String::as_str).collect::<Vec<_>>()).await;
     for (i, (manifest, expected)) in cases.into_iter().enumerate() {
         let path = dir.path().join(format!("manifest-{i}.json"));
         std::fs::write(&path, manifest).unwrap();
-        let out = example(&env, &format!("crm-{}", unique()), &path, &[])
+        let out = example(&env, &env.url_as(&roles[i]), &names[i], &path, &[])
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -743,7 +801,9 @@ async fn the_example_consumer_refuses_to_start_on_403_or_an_unknown_manifest_ent
 async fn events_produced_around_the_relay_are_never_handled() {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let env = TestEnv::new().await;
-    side_effect_table(&env, None).await;
+    let name = format!("crm-{}", unique());
+    let (role, pool) = env.consumer_role(&name).await;
+    side_effect_table(&env, &role).await;
     let topic = env.topic("platform.money.events");
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", brokers())
@@ -773,12 +833,11 @@ async fn events_produced_around_the_relay_are_never_handled() {
         .await;
     env.drain(&env.relay().await).await;
 
-    let name = format!("crm-{}", unique());
     let manifest = Manifest::parse("module.manifest.json", MANIFEST).unwrap();
     let mut consumer = Consumer::new(
         &manifest,
         env.catalog.clone(),
-        env.pool.clone(),
+        pool.clone(),
         settings(&env, &name),
     )
     .unwrap();
@@ -797,13 +856,342 @@ async fn events_produced_around_the_relay_are_never_handled() {
     .await;
     token.cancel();
     task.await.unwrap().unwrap();
-    assert_eq!(side_effects(&env, &forged).await, 0);
-    assert_eq!(side_effects(&env, &legit).await, 1);
+    assert_eq!(side_effects(&pool, &forged).await, 0);
+    assert_eq!(side_effects(&pool, &legit).await, 1);
     let processed: Vec<String> =
         sqlx::query_scalar("SELECT event_id FROM processed_event_ids WHERE consumer = $1")
             .bind(&name)
-            .fetch_all(&env.pool)
+            .fetch_all(env.admin())
             .await
             .unwrap();
     assert_eq!(processed, vec![legit]);
+}
+
+/// The start-up error of a kit on `pool` as consumer `name`, or `None` when
+/// it started (it then stops at once: its token is already cancelled).
+async fn start_up_error(env: &TestEnv, pool: PgPool, name: &str) -> Option<ConsumerError> {
+    let manifest = Manifest::parse("module.manifest.json", MANIFEST).unwrap();
+    let mut consumer =
+        Consumer::new(&manifest, env.catalog.clone(), pool, settings(env, name)).unwrap();
+    consumer
+        .subscribe("auth.user.created", |_, _| Box::pin(async { Ok(()) }))
+        .unwrap();
+    let token = CancellationToken::new();
+    token.cancel();
+    tokio::time::timeout(Duration::from_secs(60), consumer.run(token))
+        .await
+        .expect("the kit neither failed nor stopped")
+        .err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_role_not_mapped_to_the_name_fails_start_up_naming_the_mapping() {
+    let env = TestEnv::new().await;
+    let name = format!("crm-{}", unique());
+
+    // A role in outbox_consumer that no admin mapped to this name.
+    let role = env.login_role("c", &["outbox_consumer"]).await;
+    let pool = env.pool_as(&role).await;
+    let err = start_up_error(&env, pool.clone(), &name)
+        .await
+        .expect("an unmapped role started");
+    assert!(matches!(err, ConsumerError::Schema(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "dedupe table: role {role} is not mapped to consumer {name}, so it may not read or write \
+             that consumer's dedupe and parked rows; an admin runs SELECT outbox_map_consumer('{role}', '{name}')"
+        )
+    );
+    // Mapped to another consumer's name: still not this one's.
+    let other = format!("billing-{}", unique());
+    sqlx::query("SELECT outbox_map_consumer($1, $2)")
+        .bind(&role)
+        .bind(&other)
+        .execute(env.admin())
+        .await
+        .unwrap();
+    let err = start_up_error(&env, pool.clone(), &name)
+        .await
+        .expect("a role mapped to another name started");
+    assert!(
+        err.to_string()
+            .contains(&format!("outbox_map_consumer('{role}', '{name}')")),
+        "{err}"
+    );
+    // What the message says to run is enough.
+    sqlx::query(&format!("SELECT outbox_map_consumer('{role}', '{name}')"))
+        .execute(env.admin())
+        .await
+        .unwrap();
+    let started = start_up_error(&env, pool, &name).await;
+    assert!(started.is_none(), "{started:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_role_outside_outbox_consumer_fails_start_up_naming_the_grant() {
+    let env = TestEnv::new().await;
+    let name = format!("crm-{}", unique());
+    let bare = env.login_role("c", &[]).await;
+    let err = start_up_error(&env, env.pool_as(&bare).await, &name)
+        .await
+        .expect("a role without grants started");
+    assert!(matches!(err, ConsumerError::Schema(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "dedupe table: role {bare} may not insert into processed_event_ids; \
+             GRANT outbox_consumer TO it (consumer {name})"
+        )
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_without_the_dedupe_table_fails_start_up() {
+    let env = TestEnv::new().await;
+    let name = format!("crm-{}", unique());
+    let (_, mapped) = env.consumer_role(&name).await;
+    // A database migrated without the dedupe table. Fixture: only the
+    // owner may drop the table.
+    sqlx::query("DROP TABLE processed_event_ids")
+        .execute(env.fixtures())
+        .await
+        .unwrap();
+    let err = start_up_error(&env, mapped, &name)
+        .await
+        .expect("started without a dedupe table");
+    assert!(matches!(err, ConsumerError::Schema(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "dedupe table: table processed_event_ids does not exist in this database; \
+         run `outbox-relay migrate` against it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_the_migrations_never_ran_on_fails_start_up() {
+    let env = TestEnv::new().await;
+    let name = format!("crm-{}", unique());
+    let (role, _) = env.consumer_role(&name).await;
+    // Fixture: an empty database next to the test's (named so that
+    // scripts/sweep.sh drops it if this test does not get to).
+    let empty = format!("t_{}", unique());
+    let server = sqlx::PgPool::connect(&server_superuser_url())
+        .await
+        .unwrap();
+    sqlx::query(&format!("CREATE DATABASE {empty}"))
+        .execute(&server)
+        .await
+        .unwrap();
+    let pool = PgPool::connect(&with_database(&env.url_as(&role), &empty))
+        .await
+        .unwrap();
+    let err = start_up_error(&env, pool.clone(), &name).await;
+    pool.close().await;
+    sqlx::query(&format!("DROP DATABASE {empty} WITH (FORCE)"))
+        .execute(&server)
+        .await
+        .unwrap();
+    let err = err.expect("started on an empty database");
+    assert!(matches!(err, ConsumerError::Schema(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "dedupe table: table processed_event_ids does not exist in this database; \
+         run `outbox-relay migrate` against it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undecodable_message_is_parked_and_counted_invalid_before_its_offset_moves() {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    outbox_relay::metrics_handle().unwrap();
+    let env = TestEnv::new().await;
+    let name = format!("crm-{}", unique());
+    let (role, pool) = env.consumer_role(&name).await;
+    side_effect_table(&env, &role).await;
+    let topic = env.topic("platform.auth.events");
+
+    // Two messages on a subscribed topic that no envelope decoder accepts,
+    // written around the relay into the partition where the relay will then
+    // put a good event (its key is the catalog's partition key, userId).
+    let payload = example_payload("auth.user.created");
+    let key = payload["userId"].as_str().unwrap().to_string();
+    let partition = java_partition(key.as_bytes(), 3);
+    let mut data = String::from("1");
+    for _ in 0..200 {
+        data = format!("{{\"a\":{data}}}");
+    }
+    let deep = format!(
+        "{{\"id\":\"{}\",\"type\":\"auth.user.created\",\"source\":\"iam\",\"schemaVersion\":\"1.0.0\",\
+         \"tenantId\":null,\"occurredAt\":\"2026-11-29T10:00:00.000Z\",\"data\":{data}}}",
+        outbox_relay::writer::new_event_id()
+    );
+    assert!(
+        serde_json::from_str::<Value>(&deep).is_err(),
+        "too deep for the kit"
+    );
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let mut raw = Vec::new();
+    for text in ["not json", deep.as_str()] {
+        let delivered = producer
+            .send(
+                FutureRecord::<str, str>::to(&topic)
+                    .partition(partition)
+                    .key(&key)
+                    .payload(text),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+        assert_eq!(delivered.partition, partition);
+        raw.push((text.to_string(), delivered.offset));
+    }
+    let good = env.insert("auth.user.created", payload).await;
+    env.drain(&env.relay().await).await;
+
+    // Fixture: a stalled database, where the kit's park waits. Only the
+    // superuser may lock the table against the consumer's insert.
+    let mut stall = env.fixtures().begin().await.unwrap();
+    sqlx::query("LOCK TABLE consumer_parked_events IN SHARE MODE")
+        .execute(&mut *stall)
+        .await
+        .unwrap();
+
+    let manifest = Manifest::parse("module.manifest.json", MANIFEST).unwrap();
+    let mut consumer = Consumer::new(
+        &manifest,
+        env.catalog.clone(),
+        pool.clone(),
+        settings(&env, &name),
+    )
+    .unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    record(&mut consumer, "auth.user.created", seen.clone(), never());
+    let stats = consumer.stats();
+    let token = CancellationToken::new();
+    let task = tokio::spawn(consumer.run(token.clone()));
+
+    // The kit reached the first message and waits to park it: nothing is
+    // counted, handled or committed meanwhile.
+    let waiting = eventually(Duration::from_secs(45), || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pg_locks WHERE NOT granted \
+              AND relation = 'consumer_parked_events'::regclass",
+        )
+        .fetch_one(env.admin())
+        .await
+        .unwrap()
+            >= 1
+    })
+    .await;
+    assert!(
+        waiting,
+        "the kit never tried to park: {:?}",
+        stats.snapshot()
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(stats.snapshot(), StatsSnapshot::default());
+    assert_eq!(
+        committed(&name, &topic, 3).await[partition as usize],
+        Offset::Invalid,
+        "no offset committed before the message is parked"
+    );
+    stall.rollback().await.unwrap();
+
+    wait_stats(&stats, |s| s.invalid == 2 && s.processed == 1).await;
+    let expected_offset = {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        let e = &seen[0];
+        assert_eq!(e.id, good);
+        assert_eq!(
+            e.delivery.partition, partition,
+            "the good event follows them"
+        );
+        assert!(e.delivery.offset > raw[1].1);
+        e.delivery.offset + 1
+    };
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            committed(&name, &topic, 3).await[partition as usize] == Offset::Offset(expected_offset)
+        })
+        .await,
+        "the committed offset moved past both messages and the good event: {:?}",
+        committed(&name, &topic, 3).await
+    );
+    token.cancel();
+    task.await.unwrap().unwrap();
+
+    let snapshot = stats.snapshot();
+    assert_eq!((snapshot.parked, snapshot.skipped), (0, 0), "{snapshot:?}");
+    assert_eq!(
+        metric(
+            "outbox_consumer_events_total",
+            &name,
+            "(invalid)",
+            "invalid"
+        ),
+        Some(2.0)
+    );
+    // The admin reads what was parked: each message's text, intact, under
+    // its Kafka position.
+    // event_id, event_type, topic, partition, offset, envelope, last_error, attempts
+    type Parked = (String, String, String, i32, i64, Value, String, i32);
+    let parked: Vec<Parked> = sqlx::query_as(
+        "SELECT event_id, event_type, topic, \"partition\", \"offset\", envelope, last_error, attempts \
+           FROM consumer_parked_events WHERE consumer = $1 ORDER BY \"offset\"",
+    )
+    .bind(&name)
+    .fetch_all(env.admin())
+    .await
+    .unwrap();
+    assert_eq!(parked.len(), 2, "{parked:?}");
+    for (row, (text, offset)) in parked.iter().zip(&raw) {
+        assert_eq!(row.0, format!("undecodable:{topic}:{partition}:{offset}"));
+        assert_eq!(row.1, "(undecodable)");
+        assert_eq!(
+            (row.2.as_str(), row.3, row.4),
+            (topic.as_str(), partition, *offset)
+        );
+        assert_eq!(row.5, Value::String(text.clone()));
+        assert!(
+            row.6.starts_with("not a decodable event envelope: "),
+            "{}",
+            row.6
+        );
+        assert_eq!(row.7, 1);
+    }
+    assert!(parked[1].6.contains("recursion limit"), "{}", parked[1].6);
+    // The deep one is valid JSON all the same: Postgres reads it back.
+    let depth_ok: bool = sqlx::query_scalar(
+        "SELECT jsonb_typeof((envelope #>> '{}')::jsonb) = 'object' \
+           FROM consumer_parked_events WHERE consumer = $1 AND \"offset\" = $2",
+    )
+    .bind(&name)
+    .bind(raw[1].1)
+    .fetch_one(env.admin())
+    .await
+    .unwrap();
+    assert!(depth_ok);
+    let processed: Vec<String> =
+        sqlx::query_scalar("SELECT event_id FROM processed_event_ids WHERE consumer = $1")
+            .bind(&name)
+            .fetch_all(env.admin())
+            .await
+            .unwrap();
+    assert_eq!(
+        processed,
+        vec![good.clone()],
+        "a parked message is not processed"
+    );
+    assert_eq!(side_effects(&pool, &good).await, 1);
+}
+
+/// A consumer login role's URL on the local server, for pools that are never
+/// connected (the kit checks a manifest before it uses its database).
+fn unconnected_consumer_url() -> String {
+    with_user(&server_superuser_url(), "crm_consumer")
 }

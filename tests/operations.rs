@@ -316,20 +316,22 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
     );
     // A type the catalog does not know, written around the publisher
     // trigger (which would refuse it): its name must not become a label.
+    // Fixture: no deployed role may disable the trigger or write an event
+    // the catalog does not know, so only the superuser can forge this row.
     sqlx::query("ALTER TABLE outbox DISABLE TRIGGER outbox_stamp_publisher")
-        .execute(&env.pool)
+        .execute(env.fixtures())
         .await
         .unwrap();
     ids.push(
         sqlx::query_scalar(
             "INSERT INTO outbox (event_type, payload) VALUES ('ghost.thing.happened', '{}') RETURNING event_id",
         )
-        .fetch_one(&env.pool)
+        .fetch_one(env.fixtures())
         .await
         .unwrap(),
     );
     sqlx::query("ALTER TABLE outbox ENABLE TRIGGER outbox_stamp_publisher")
-        .execute(&env.pool)
+        .execute(env.fixtures())
         .await
         .unwrap();
     wait_for("outbox drained", Duration::from_secs(30), || async {
@@ -455,7 +457,7 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
     .await;
     // One relay: it ends up holding every virtual partition.
     let partitions: i32 = sqlx::query_scalar("SELECT vpartitions FROM outbox_config")
-        .fetch_one(&env.pool)
+        .fetch_one(env.admin())
         .await
         .unwrap();
     wait_for("lease gauges", Duration::from_secs(20), || async {
@@ -528,7 +530,7 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
     let attempts: i64 = sqlx::query_scalar(
         "SELECT sum(attempts)::bigint FROM outbox WHERE event_type = 'billing.plan.changed'",
     )
-    .fetch_one(&env.pool)
+    .fetch_one(env.admin())
     .await
     .unwrap();
     let after = outbox_relay::metrics_handle().unwrap().render();
@@ -545,19 +547,13 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_turns_unready_while_postgres_refuses_the_relay_and_recovers() {
     let env = TestEnv::new().await;
-    let role = format!("relay_{}", unique());
-    sqlx::query(&format!("CREATE ROLE {role} LOGIN IN ROLE outbox_relay"))
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    // A relay login role of its own, so that refusing it leaves every
+    // other role of this environment alone.
+    let role = env.login_role("relay", &["outbox_relay"]).await;
     let port = free_port();
     let mut settings = env.settings.clone();
     settings.http.listen = format!("127.0.0.1:{port}");
-    settings.database.url = Secret::new(env.db_url.replacen(
-        "postgres://postgres@",
-        &format!("postgres://{role}@"),
-        1,
-    ));
+    settings.database.url = Secret::new(env.url_as(&role));
     assert!(settings.database.url.expose().contains(&role));
     settings.database.connect_timeout_ms = 1_000;
     let (stop, task) = start(settings);
@@ -582,16 +578,18 @@ async fn readyz_turns_unready_while_postgres_refuses_the_relay_and_recovers() {
     assert_eq!(get(port, "/nope").await.map(|(code, _)| code), Some(404));
 
     // Postgres stays up for everyone else; this relay's role may no longer
-    // log in and its sessions are cut.
+    // log in and its sessions are cut. Fixture: the outage is the server's
+    // doing (ALTER ROLE and terminating another role's sessions are the
+    // superuser's), not anything a deployed role does.
     sqlx::query(&format!("ALTER ROLE {role} NOLOGIN"))
-        .execute(&env.pool)
+        .execute(env.fixtures())
         .await
         .unwrap();
     let terminated: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = $1) t",
     )
     .bind(&role)
-    .fetch_one(&env.pool)
+    .fetch_one(env.fixtures())
     .await
     .unwrap();
     assert!(terminated >= 1, "the relay had no session to terminate");
@@ -614,8 +612,9 @@ async fn readyz_turns_unready_while_postgres_refuses_the_relay_and_recovers() {
         "alive while unready"
     );
 
+    // Fixture: the outage ends.
     sqlx::query(&format!("ALTER ROLE {role} LOGIN"))
-        .execute(&env.pool)
+        .execute(env.fixtures())
         .await
         .unwrap();
     wait_for("ready again", Duration::from_secs(30), || async {
@@ -626,14 +625,7 @@ async fn readyz_turns_unready_while_postgres_refuses_the_relay_and_recovers() {
     stop.send(()).unwrap();
     task.await.unwrap().unwrap();
     // The role is cluster-wide: leave none behind.
-    sqlx::query(&format!("DROP OWNED BY {role}"))
-        .execute(&env.pool)
-        .await
-        .unwrap();
-    sqlx::query(&format!("DROP ROLE {role}"))
-        .execute(&env.pool)
-        .await
-        .unwrap();
+    env.drop_role(&role).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -656,18 +648,29 @@ async fn status_json_matches_the_database() {
     .enumerate()
     {
         let age = if i == 0 { 90 } else { 0 };
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO outbox (event_type, payload, occurred_at) \
-             VALUES ($1, $2, now() - make_interval(secs => $3)) RETURNING id",
+        // Each event from its publisher's writer, which may state when it
+        // occurred but may not read the row back: the admin reads its id.
+        let publisher = &env.catalog.get(event_type).unwrap().publisher;
+        let event_id = outbox_relay::writer::new_event_id();
+        sqlx::query(
+            "INSERT INTO outbox (event_id, event_type, payload, occurred_at) \
+             VALUES ($1, $2, $3, now() - make_interval(secs => $4))",
         )
+        .bind(&event_id)
         .bind(event_type)
         .bind(example_payload(event_type))
         .bind(age as f64)
-        .fetch_one(&env.pool)
+        .execute(&env.writer(publisher).await)
         .await
         .unwrap();
+        let id: i64 = sqlx::query_scalar("SELECT id FROM outbox WHERE event_id = $1")
+            .bind(&event_id)
+            .fetch_one(env.admin())
+            .await
+            .unwrap();
         ids.push(id);
     }
+    // The relay dead-letters; the admin discards.
     let _: i32 = sqlx::query_scalar("SELECT outbox_dead_letter($1, $2, $3)")
         .bind(&ids[3..])
         .bind([
@@ -677,16 +680,18 @@ async fn status_json_matches_the_database() {
             "retries_exhausted",
         ])
         .bind(["e1", "e2", "e3", "e4"])
-        .fetch_one(&env.pool)
+        .fetch_one(&env.relay_pool().await)
         .await
         .unwrap();
     let discarded: Vec<String> =
         sqlx::query_scalar("SELECT outbox_dlq_discard('test', p_reason => 'retries_exhausted')")
-            .fetch_all(&env.pool)
+            .fetch_all(env.admin())
             .await
             .unwrap();
     assert_eq!(discarded.len(), 1);
     // Two relays of this source, one of another source (not shown).
+    // Fixture: forged registrations with a made-up past (hosts, versions,
+    // totals, publish times) that no running relay would write.
     for (relay_id, src, last_publish, total) in [
         (
             "relay-a",
@@ -710,33 +715,36 @@ async fn status_json_matches_the_database() {
         .bind(src)
         .bind(last_publish)
         .bind(total)
-        .execute(&env.pool)
+        .execute(env.fixtures())
         .await
         .unwrap();
     }
 
     // relay-b holds two live leases; relay-a's one lease has expired.
+    // Fixture: leases of relays that do not run, one of them expired.
     sqlx::query(
         "UPDATE outbox_leases SET owner = 'relay-b', epoch = 1, expires_at = now() + interval '1 hour' \
           WHERE vpartition IN (0, 1)",
     )
-    .execute(&env.pool)
+    .execute(env.fixtures())
     .await
     .unwrap();
     sqlx::query(
         "UPDATE outbox_leases SET owner = 'relay-a', epoch = 1, expires_at = now() - interval '1 second' \
           WHERE vpartition = 2",
     )
-    .execute(&env.pool)
+    .execute(env.fixtures())
     .await
     .unwrap();
     let partitions: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox_leases")
-        .fetch_one(&env.pool)
+        .fetch_one(env.admin())
         .await
         .unwrap();
     assert!(partitions > 3);
 
-    let out = binary(&env.process_env())
+    // `status` is an operator's command: it runs as the admin role.
+    let admin_env = admin_process_env(&env);
+    let out = binary(&admin_env)
         .args(["status", "--json"])
         .output()
         .unwrap();
@@ -744,7 +752,7 @@ async fn status_json_matches_the_database() {
     let db_age: f64 = sqlx::query_scalar(
         "SELECT extract(epoch FROM now() - occurred_at)::float8 FROM outbox ORDER BY id LIMIT 1",
     )
-    .fetch_one(&env.pool)
+    .fetch_one(env.admin())
     .await
     .unwrap();
     let db_pending: i64 = env.outbox_count().await;
@@ -791,13 +799,13 @@ async fn status_json_matches_the_database() {
 
     // A second source that cannot be read is reported with its error,
     // without hiding the first; the exit status says something failed.
-    let mut two = env.process_env();
+    let mut two = admin_env.clone();
     two.push((
         "OUTBOX_RELAY_SOURCES".into(),
         format!(
             "[{{name=\"{source}\", url=\"{}\"}}, {{name=\"gone\", url=\"{}\"}}]",
-            env.db_url,
-            with_database(&env.db_url, "no_such_database_here")
+            env.admin_url(),
+            with_database(&env.admin_url(), "no_such_database_here")
         ),
     ));
     let out = binary(&two).args(["status", "--json"]).output().unwrap();
@@ -812,10 +820,7 @@ async fn status_json_matches_the_database() {
     );
 
     // The human table says the same.
-    let out = binary(&env.process_env())
-        .args(["status"])
-        .output()
-        .unwrap();
+    let out = binary(&admin_env).args(["status"]).output().unwrap();
     let table = stdout_of(&out);
     let lines: Vec<Vec<&str>> = table
         .lines()
@@ -1146,4 +1151,17 @@ fn alert_rules_pass_their_unit_tests() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// [`TestEnv::process_env`] with the admin role's `DATABASE_URL`: for the
+/// operator's commands (`status`), which a relay's role does not run.
+fn admin_process_env(env: &TestEnv) -> Vec<(String, String)> {
+    let mut vars = env.process_env();
+    for (k, v) in &mut vars {
+        if k == "DATABASE_URL" {
+            *v = env.admin_url();
+        }
+    }
+    assert!(vars.iter().any(|(k, _)| k == "DATABASE_URL"));
+    vars
 }

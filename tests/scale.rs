@@ -39,24 +39,30 @@ fn signal(child: &std::process::Child, sig: Signal) {
     kill(Pid::from_raw(child.id() as i32), sig).unwrap();
 }
 
-/// Writes `n` events over `keys` keys as multi-row inserts; each payload
-/// carries its per-key sequence number.
+/// Writes `n` events over `keys` keys as multi-row inserts, as the notify
+/// publisher's writer (which names the ids: it may not read them back);
+/// each payload carries its per-key sequence number.
 async fn write(env: &TestEnv, from: usize, n: usize, keys: usize) -> Vec<(String, usize)> {
+    let writer = env.writer("notify").await;
     let mut written = Vec::with_capacity(n);
     let chunk = 100;
     let mut i = from;
     while i < from + n {
         let end = (i + chunk).min(from + n);
+        let ids: Vec<String> = (i..end)
+            .map(|_| outbox_relay::writer::new_event_id())
+            .collect();
         let payloads: Vec<serde_json::Value> = (i..end)
             .map(|j| json!({"notificationId": format!("key-{}", j % keys), "channel": "email", "userId": "u", "seq": j}))
             .collect();
-        let ids: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO outbox (event_type, payload) \
-             SELECT 'notify.notification.sent', p FROM unnest($1::jsonb[]) WITH ORDINALITY AS t(p, o) ORDER BY o \
-             RETURNING event_id",
+        sqlx::query(
+            "INSERT INTO outbox (event_id, event_type, payload) \
+             SELECT e, 'notify.notification.sent', p \
+               FROM unnest($1::text[], $2::jsonb[]) WITH ORDINALITY AS t(e, p, o) ORDER BY o",
         )
+        .bind(&ids)
         .bind(&payloads)
-        .fetch_all(&env.pool)
+        .execute(&writer)
         .await
         .unwrap();
         for (id, j) in ids.into_iter().zip(i..end) {
@@ -72,7 +78,7 @@ async fn lease_owners(env: &TestEnv) -> (HashMap<String, i64>, i64) {
     let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
         "SELECT CASE WHEN expires_at > now() THEN owner END AS o, count(*) FROM outbox_leases GROUP BY 1",
     )
-    .fetch_all(&env.pool)
+    .fetch_all(env.admin())
     .await
     .unwrap();
     let mut owners = HashMap::new();
@@ -277,7 +283,7 @@ async fn a_paused_relay_is_fenced_out_after_another_takes_over() {
     assert_eq!(unowned, 0);
     assert_eq!(owners.len(), 2, "A rejoined under new epochs: {owners:?}");
     let epochs: i64 = sqlx::query_scalar("SELECT max(epoch) FROM outbox_leases")
-        .fetch_one(&env.pool)
+        .fetch_one(env.admin())
         .await
         .unwrap();
     assert!(epochs >= 2, "ownership changes raised the epoch");
@@ -311,7 +317,8 @@ async fn one_unreachable_source_does_not_stall_another() {
         &config,
         format!(
             "[[sources]]\nname = \"a\"\nurl = \"{}\"\n\n[[sources]]\nname = \"b\"\nurl = \"{}\"\n",
-            a.db_url, b.db_url
+            a.relay_url(),
+            b.relay_url()
         ),
     )
     .unwrap();
@@ -333,17 +340,20 @@ async fn one_unreachable_source_does_not_stall_another() {
     );
 
     // Source b becomes unreachable: no new connection, existing ones cut.
-    let admin = sqlx::PgPool::connect(&admin_url()).await.unwrap();
+    // Fixture: an outage of the server, which only its superuser can stage.
+    let server = sqlx::PgPool::connect(&server_superuser_url())
+        .await
+        .unwrap();
     sqlx::query(&format!(
         "ALTER DATABASE {} ALLOW_CONNECTIONS false",
         b.db_name
     ))
-    .execute(&admin)
+    .execute(&server)
     .await
     .unwrap();
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_backend_pid()")
         .bind(&b.db_name)
-        .execute(&admin)
+        .execute(&server)
         .await
         .unwrap();
     for _ in 0..20 {
@@ -358,7 +368,7 @@ async fn one_unreachable_source_does_not_stall_another() {
         "ALTER DATABASE {} ALLOW_CONNECTIONS true",
         b.db_name
     ))
-    .execute(&admin)
+    .execute(&server)
     .await
     .unwrap();
     assert!(a_flows, "source a kept publishing while b was unreachable");
@@ -386,8 +396,9 @@ async fn one_unreachable_source_does_not_stall_another() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
     let env = TestEnv::new().await;
+    // Wake-ups are switched on and off by the admin.
     sqlx::query("SELECT outbox_enable_notify()")
-        .execute(&env.pool)
+        .execute(env.admin())
         .await
         .unwrap();
     // Poll only every 60 s: an event can only arrive sooner through NOTIFY.
@@ -414,12 +425,12 @@ async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
     assert_eq!(got[0].value["id"], id.as_str());
 
     sqlx::query("SELECT outbox_disable_notify()")
-        .execute(&env.pool)
+        .execute(env.admin())
         .await
         .unwrap();
     let triggers: i64 =
         sqlx::query_scalar("SELECT count(*) FROM pg_trigger WHERE tgname = 'outbox_notify'")
-            .fetch_one(&env.pool)
+            .fetch_one(env.admin())
             .await
             .unwrap();
     assert_eq!(triggers, 0);
@@ -429,12 +440,24 @@ async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
 async fn rows_get_the_virtual_partition_of_their_key_at_insert() {
     let env = TestEnv::new().await;
     write(&env, 0, 1000, 100).await;
+    // The admin reads the rows back; the partition function is the
+    // writer's alone (its insert trigger runs it), so the writer computes
+    // the expected partition of each key.
+    let rows: Vec<(String, i16)> =
+        sqlx::query_as("SELECT payload ->> 'notificationId', vpartition FROM outbox")
+            .fetch_all(env.admin())
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 1000);
+    let keys: Vec<String> = rows.iter().map(|(k, _)| k.clone()).collect();
+    let stored: Vec<i16> = rows.iter().map(|(_, v)| *v).collect();
     let (distinct, mismatched): (i64, i64) = sqlx::query_as(
-        "SELECT count(DISTINCT vpartition), \
-                count(*) FILTER (WHERE vpartition <> outbox_vpartition(payload ->> 'notificationId', 256)) \
-           FROM outbox",
+        "SELECT count(DISTINCT v), count(*) FILTER (WHERE v <> outbox_vpartition(k, 256)) \
+           FROM unnest($1::text[], $2::int2[]) AS t(k, v)",
     )
-    .fetch_one(&env.pool)
+    .bind(&keys)
+    .bind(&stored)
+    .fetch_one(&env.writer("notify").await)
     .await
     .unwrap();
     assert!(
@@ -446,7 +469,7 @@ async fn rows_get_the_virtual_partition_of_their_key_at_insert() {
         "SELECT max(n) FROM (SELECT count(DISTINCT vpartition) AS n FROM outbox \
           GROUP BY payload ->> 'notificationId') s",
     )
-    .fetch_one(&env.pool)
+    .fetch_one(env.admin())
     .await
     .unwrap();
     assert_eq!(per_key, 1, "one key, one partition");
@@ -462,12 +485,14 @@ async fn rows_get_the_virtual_partition_of_their_key_at_insert() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
     let env = TestEnv::new().await;
+    // Fixture: freezing the statistics (no autovacuum, an ANALYZE of the
+    // empty table) takes the table's owner; no deployed role may.
     sqlx::query("ALTER TABLE outbox SET (autovacuum_enabled = false)")
-        .execute(&env.pool)
+        .execute(env.fixtures())
         .await
         .unwrap();
     sqlx::query("VACUUM ANALYZE outbox")
-        .execute(&env.pool)
+        .execute(env.fixtures())
         .await
         .unwrap();
     sqlx::query(
@@ -476,22 +501,22 @@ async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
                 jsonb_build_object('userId', 'u' || g, 'email', 'u' || g || '@example.com') \
            FROM generate_series(1, 30000) g",
     )
-    .execute(&env.pool)
+    .execute(&env.writer("iam").await)
     .await
     .unwrap();
-    sqlx::query("DELETE FROM outbox WHERE id < (SELECT max(id) - 200 FROM outbox)")
-        .execute(&env.pool)
-        .await
-        .unwrap();
-
     let relay_pool = outbox_relay::sql::connect_relay(
-        &env.db_url,
+        &env.relay_url(),
         1,
         Duration::from_secs(5),
         Duration::from_secs(60),
     )
     .await
     .unwrap();
+    // The relay deletes what it published: all but the last 200 rows.
+    sqlx::query("DELETE FROM outbox WHERE id < (SELECT max(id) - 200 FROM outbox)")
+        .execute(&relay_pool)
+        .await
+        .unwrap();
     let all = (0..256)
         .map(|v| v.to_string())
         .collect::<Vec<_>>()

@@ -613,7 +613,9 @@ impl TestEnv {
     /// the database's id lets scripts/sweep.sh drop them with it) as a
     /// member of `groups`.
     pub async fn login_role(&self, what: &str, groups: &[&str]) -> String {
-        let n = self.roles.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let n = self
+            .roles
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let role = format!("t_{}_{what}{n}", self.id);
         let mut sql = format!("CREATE ROLE {role} LOGIN");
         if !groups.is_empty() {
