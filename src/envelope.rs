@@ -199,7 +199,8 @@ fn check_portable(payload: &str) -> Result<(), String> {
             b'}' | b']' => depth -= 1,
             b'-' | b'0'..=b'9' => {
                 let start = i;
-                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9') {
+                while i < b.len() && matches!(b[i], b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9')
+                {
                     i += 1;
                 }
                 check_number(&payload[start..i])?;
@@ -248,7 +249,10 @@ fn decimal(token: &str) -> (bool, String, i64) {
         None => (false, token),
     };
     let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
-        Some(at) => (&unsigned[..at], unsigned[at + 1..].parse::<i64>().unwrap_or(0)),
+        Some(at) => (
+            &unsigned[..at],
+            unsigned[at + 1..].parse::<i64>().unwrap_or(0),
+        ),
         None => (unsigned, 0),
     };
     let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
@@ -642,9 +646,20 @@ mod tests {
             prepare(&r, &c, "", 10_000_000)
         };
         for ok in [
-            "0", "-0", "9223372036854775807", "-9223372036854775808", "18446744073709551615",
-            "0.1", "1.50", "-2.5e-3", "1e20", "100000000000000000000", "1.7976931348623157e308",
-            "3.141592653589793", r#""1e400 in a string""#, r#"[[[{"a": [1, 2.25]}]]]"#,
+            "0",
+            "-0",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "18446744073709551615",
+            "0.1",
+            "1.50",
+            "-2.5e-3",
+            "1e20",
+            "100000000000000000000",
+            "1.7976931348623157e308",
+            "3.141592653589793",
+            r#""1e400 in a string""#,
+            r#"[[[{"a": [1, 2.25]}]]]"#,
         ] {
             let p = with(ok).unwrap_or_else(|e| panic!("{ok}: {}", e.message));
             let decoded: crate::consumer::Event = serde_json::from_slice(&p.value).unwrap();

@@ -12,7 +12,12 @@
 use sqlx::PgPool;
 
 /// The four group roles the migrations create.
-pub const GROUPS: [&str; 4] = ["outbox_writer", "outbox_relay", "outbox_admin", "outbox_consumer"];
+pub const GROUPS: [&str; 4] = [
+    "outbox_writer",
+    "outbox_relay",
+    "outbox_admin",
+    "outbox_consumer",
+];
 
 /// What a grant is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,9 +161,9 @@ impl Grant {
 /// Whether `group` may do `privilege` on the whole table or view `table`
 /// (DELETE, TRUNCATE, TRIGGER, REFERENCES are table-wide).
 pub fn allows_table(group: &str, privilege: &str, table: &str) -> bool {
-    GRANTS
-        .iter()
-        .any(|g| g.group == group && g.privilege == privilege && matches!(g.on, On::Table(t) if t == table))
+    GRANTS.iter().any(|g| {
+        g.group == group && g.privilege == privilege && matches!(g.on, On::Table(t) if t == table)
+    })
 }
 
 pub fn allows_column(group: &str, privilege: &str, table: &str, column: &str) -> bool {
@@ -307,19 +312,37 @@ mod tests {
     fn the_relay_may_update_every_retry_column_and_writers_only_event_columns() {
         for c in RETRY_COLUMNS {
             assert!(allows_column("outbox_relay", "UPDATE", "outbox", c), "{c}");
-            assert!(!allows_column("outbox_writer", "UPDATE", "outbox", c), "{c}");
+            assert!(
+                !allows_column("outbox_writer", "UPDATE", "outbox", c),
+                "{c}"
+            );
         }
-        assert!(!allows_column("outbox_writer", "INSERT", "outbox", "publisher"));
+        assert!(!allows_column(
+            "outbox_writer",
+            "INSERT",
+            "outbox",
+            "publisher"
+        ));
         assert!(!allows_column("outbox_writer", "INSERT", "outbox", "id"));
-        assert!(!allows_column("outbox_relay", "UPDATE", "outbox", "payload"));
+        assert!(!allows_column(
+            "outbox_relay",
+            "UPDATE",
+            "outbox",
+            "payload"
+        ));
     }
 
     #[test]
     fn markdown_has_a_row_per_object_and_a_column_per_group() {
         let md = markdown();
-        assert!(md.starts_with("| object | `outbox_writer` | `outbox_relay` | `outbox_admin` | `outbox_consumer` |"));
+        assert!(md.starts_with(
+            "| object | `outbox_writer` | `outbox_relay` | `outbox_admin` | `outbox_consumer` |"
+        ));
         let outbox = md.lines().find(|l| l.starts_with("| `outbox` |")).unwrap();
         assert!(outbox.contains("INSERT (event_id, event_type"), "{outbox}");
-        assert!(outbox.contains("UPDATE (attempts, unknown_failures"), "{outbox}");
+        assert!(
+            outbox.contains("UPDATE (attempts, unknown_failures"),
+            "{outbox}"
+        );
     }
 }

@@ -716,7 +716,10 @@ async fn an_installation_of_the_last_release_upgrades_in_place_and_loses_nothing
     in_flight.await.unwrap();
     let (code, out) = dry_run(&env);
     assert_eq!(code, 0, "{out}");
-    assert!(sql::schema_status(env.fixtures()).await.unwrap().is_current());
+    assert!(sql::schema_status(env.fixtures())
+        .await
+        .unwrap()
+        .is_current());
 
     let migrated = counts(env.fixtures()).await;
     assert_eq!(migrated, before, "the migrations changed rows");
