@@ -9,6 +9,10 @@
 //! tests in parallel). The services stay up afterwards for the next run;
 //! `bash scripts/faults-env.sh down` stops them.
 //!
+//! As deployed, the relays run as a login role in `outbox_relay` and the
+//! writers as a login role in `outbox_writer` mapped to the stream's
+//! publisher; the superuser only creates the database.
+//!
 //! Each test prints its row of the fault table (docs/delivery.md):
 //! `cargo test --test faults -- --nocapture`
 
@@ -43,7 +47,8 @@ const KEYS: usize = 32;
 /// One disruptive test at a time: they share the dedicated services.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-fn admin_url() -> String {
+/// The dedicated server's superuser (creating the test database only).
+fn superuser_url() -> String {
     format!("postgres://postgres@127.0.0.1:{PG_PORT}/postgres")
 }
 
@@ -94,7 +99,14 @@ async fn service_async(script: &'static str, action: &'static str) -> Duration {
 }
 
 async fn new_env() -> TestEnv {
-    TestEnv::on_services(&admin_url(), &kafka(), 3).await
+    TestEnv::on_services(&superuser_url(), &kafka(), 3).await
+}
+
+/// The URL of a new writer login role mapped to the stream's publisher (the
+/// catalog's publisher of [`EVENT_TYPE`]).
+async fn writer_url(env: &TestEnv) -> String {
+    let publisher = env.catalog.get(EVENT_TYPE).unwrap().publisher.clone();
+    env.url_as(&env.writer_role("stream", &publisher).await)
 }
 
 // ------------------------------------------------------------------ relay process
@@ -195,9 +207,9 @@ impl Drop for RelayProcess {
 
 // ------------------------------------------------------------------ writer
 
-/// Writes a stream of events the way a service does, one transaction per
-/// chunk, with ids chosen by the writer: a chunk whose commit is in doubt
-/// (Postgres went away) is written again with the same ids, and
+/// Writes a stream of events the way a service does, as a writer role, one
+/// transaction per chunk, with ids chosen by the writer: a chunk whose commit
+/// is in doubt (Postgres went away) is written again with the same ids, and
 /// `ON CONFLICT DO NOTHING` keeps that idempotent while the rows are pending.
 struct Writer {
     written: Arc<Mutex<Vec<String>>>,
@@ -207,7 +219,8 @@ struct Writer {
 
 impl Writer {
     /// `total` events (or until stopped), `chunk` per transaction, one
-    /// chunk every `every`.
+    /// chunk every `every`, connected with `db_url` (a writer role's, see
+    /// [`writer_url`]).
     async fn start(db_url: &str, total: usize, chunk: usize, every: Duration) -> Writer {
         let pool = PgPoolOptions::new()
             .max_connections(2)
@@ -261,11 +274,14 @@ impl Writer {
     }
 }
 
+/// One chunk. No conflict target: naming one needs SELECT on the outbox,
+/// which a writer does not have (the ordering id is never supplied, so the
+/// event id is the only unique column a retried chunk can collide on).
 async fn insert_chunk(pool: &PgPool, ids: &[String], payloads: &[Value]) -> bool {
     sqlx::query(
         "INSERT INTO outbox (event_id, event_type, payload) \
          SELECT id, $3, p FROM unnest($1::text[], $2::jsonb[]) AS t(id, p) \
-         ON CONFLICT (event_id) DO NOTHING",
+         ON CONFLICT DO NOTHING",
     )
     .bind(ids)
     .bind(payloads)
@@ -408,7 +424,7 @@ async fn postgres_restart_under_the_relay_loses_nothing() {
     let _serial = exclusive().await;
     let env = new_env().await;
     let relay = RelayProcess::start(&env, &[("OUTBOX_RELAY_RELAY__BATCH_SIZE", "200")]);
-    let writer = Writer::start(&env.db_url, 3000, 20, Duration::from_millis(50)).await;
+    let writer = Writer::start(&writer_url(&env).await, 3000, 20, Duration::from_millis(50)).await;
     assert!(first_message_after(&env, 0, Duration::from_secs(30))
         .await
         .is_some());
@@ -470,7 +486,13 @@ async fn broker_down_for_30s_nothing_is_dead_lettered_and_publishing_resumes() {
             ("OUTBOX_RELAY_RELAY__BATCH_SIZE", "200"),
         ],
     );
-    let writer = Writer::start(&env.db_url, usize::MAX, 10, Duration::from_millis(100)).await;
+    let writer = Writer::start(
+        &writer_url(&env).await,
+        usize::MAX,
+        10,
+        Duration::from_millis(100),
+    )
+    .await;
     assert!(first_message_after(&env, 0, Duration::from_secs(30))
         .await
         .is_some());
@@ -494,7 +516,7 @@ async fn broker_down_for_30s_nothing_is_dead_lettered_and_publishing_resumes() {
             "SELECT count(*), max(attempts), \
                     extract(epoch FROM max(available_at) - now())::float8 FROM outbox",
         )
-        .fetch_one(&env.pool)
+        .fetch_one(env.admin())
         .await
         .unwrap();
         let log = relay.log_text();
@@ -550,7 +572,6 @@ async fn start_up_while_kafka_and_postgres_are_down_waits_with_backoff_then_runs
         }
         v
     };
-    env.pool.close().await;
     service_async("kafka", "down").await;
     service_async("pg", "down").await;
 
@@ -616,10 +637,11 @@ async fn start_up_while_kafka_and_postgres_are_down_waits_with_backoff_then_runs
 
     service_async("pg", "up").await;
     let up_at = Instant::now();
-    let env_pool = PgPool::connect(&env.db_url).await.unwrap();
+    // Read back as the admin role; its pool reconnects after the restart
+    // (a query may still fail while the server comes up).
     let drained = eventually(Duration::from_secs(30), || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
-            .fetch_one(&env_pool)
+            .fetch_one(env.admin())
             .await
             .is_ok_and(|n| n == 0)
     })
@@ -629,10 +651,6 @@ async fn start_up_while_kafka_and_postgres_are_down_waits_with_backoff_then_runs
     assert!(relay.running());
     let status = relay.sigterm();
     assert!(status.success());
-    let env = TestEnv {
-        pool: env_pool,
-        ..env
-    };
     assert_eq!(env.dlq_count().await, 0);
     let o = verify(&env, &ids).await;
     table_row(
@@ -659,7 +677,13 @@ async fn sigkill_20_times_during_a_10k_stream_every_event_arrives() {
         ("OUTBOX_RELAY_LEASES__TTL_MS", "1000"),
         ("OUTBOX_RELAY_LEASES__RENEW_INTERVAL_MS", "300"),
     ];
-    let writer = Writer::start(&env.db_url, 10_000, 12, Duration::from_millis(50)).await;
+    let writer = Writer::start(
+        &writer_url(&env).await,
+        10_000,
+        12,
+        Duration::from_millis(50),
+    )
+    .await;
     let mut rng: u64 = 0x2545_f491_4f6c_dd1d ^ std::process::id() as u64;
     let mut next = move || {
         rng ^= rng << 13;
