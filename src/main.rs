@@ -432,25 +432,27 @@ fn render_schema(status: &sql::SchemaStatus) -> String {
     out
 }
 
-/// The `dlq replay` table: one line per entry, replayed or skipped and why.
+/// The `dlq replay` report: as before 0.2.0, `replayed N event(s)` and the
+/// replayed ids one a line (scripts read them), then, when some entries
+/// were skipped, how many and a table of why.
 fn render_replay(lines: &[sql::ReplayLine]) -> String {
-    let replayed = lines.iter().filter(|l| l.replayed()).count();
-    let mut out = format!(
-        "replayed {replayed} event(s), skipped {}\n",
-        lines.len() - replayed
-    );
-    if lines.is_empty() {
+    let (replayed, skipped): (Vec<_>, Vec<_>) = lines.iter().partition(|l| l.replayed());
+    let mut out = format!("replayed {} event(s)\n", replayed.len());
+    for l in &replayed {
+        match &l.reason {
+            Some(reason) => out.push_str(&format!("{}  {reason}\n", l.event_id)),
+            None => out.push_str(&format!("{}\n", l.event_id)),
+        }
+    }
+    if skipped.is_empty() {
         return out;
     }
-    out.push_str(&format!(
-        "{:<26}  {:<8}  {:<22}  DETAIL\n",
-        "EVENT_ID", "OUTCOME", "REASON"
-    ));
-    for l in lines {
+    out.push_str(&format!("skipped {} event(s)\n", skipped.len()));
+    out.push_str(&format!("{:<26}  {:<22}  DETAIL\n", "EVENT_ID", "REASON"));
+    for l in &skipped {
         out.push_str(&format!(
-            "{:<26}  {:<8}  {:<22}  {}\n",
+            "{:<26}  {:<22}  {}\n",
             l.event_id,
-            l.outcome,
             l.reason.as_deref().unwrap_or("-"),
             l.detail.as_deref().unwrap_or("")
         ));
