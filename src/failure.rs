@@ -4,9 +4,10 @@
 //!   The envelope checks ([`crate::envelope::prepare`]) find most of these
 //!   before anything is produced; the broker's answers below find the rest.
 //! * Transient: the world is temporarily broken (broker down, leader change,
-//!   missing topic, bad credentials, Postgres restarting) → retried without
-//!   limit; the lag alert covers it. Nothing the operator has to fix by hand
-//!   ever lands in the DLQ for it.
+//!   missing topic, bad credentials, a topic ACL that denies the relay,
+//!   Postgres restarting) → retried without limit; the lag alert covers it.
+//!   Nothing the operator has to fix by hand ever lands in the DLQ for it:
+//!   dead-lettering it would only reorder its key when it is replayed.
 //! * Unknown: retried, but only `relay.max_attempts` failures of this class
 //!   are tolerated per row; the last one moves the row to the DLQ as
 //!   `retries_exhausted`. Transient failures do not use up that budget, so a
@@ -24,6 +25,9 @@ pub enum DlqReason {
     InvalidPayload,
     MissingPartitionKey,
     MessageTooLarge,
+    /// No longer produced: a topic ACL that denies the relay is retried
+    /// (see [`TRANSIENT_KAFKA`]). Kept so that entries of earlier releases
+    /// still parse.
     TopicAuthorizationFailed,
     ForbiddenPublisher,
     RetriesExhausted,
@@ -97,13 +101,13 @@ const PERMANENT_KAFKA: &[(RDKafkaErrorCode, DlqReason)] = &[
         RDKafkaErrorCode::MessageBatchTooLarge,
         DlqReason::MessageTooLarge,
     ),
-    // The relay's principal may not write this event's topic: an ACL
-    // decision about the event's destination, made on purpose.
-    (
-        RDKafkaErrorCode::TopicAuthorizationFailed,
-        DlqReason::TopicAuthorizationFailed,
-    ),
 ];
+
+/// The retry label of a topic ACL that denies the relay's principal. An
+/// operator's fix (grant the ACL), so it is retried like every other
+/// operator's fix, and logged at ERROR: dead-lettering the topic's events
+/// would lose their order when they are replayed.
+pub const TOPIC_AUTHORIZATION_FAILED: &str = "topic_authorization_failed";
 
 /// Failures of the world, not of the message: retried forever.
 const TRANSIENT_KAFKA: &[(RDKafkaErrorCode, &str)] = &[
@@ -155,6 +159,10 @@ const TRANSIENT_KAFKA: &[(RDKafkaErrorCode, &str)] = &[
     (RDKafkaErrorCode::UnknownPartition, "unknown_topic"),
     (RDKafkaErrorCode::UnknownTopicId, "unknown_topic"),
     (RDKafkaErrorCode::InvalidTopic, "unknown_topic"),
+    (
+        RDKafkaErrorCode::TopicAuthorizationFailed,
+        TOPIC_AUTHORIZATION_FAILED,
+    ),
     // The relay's own credentials or cluster-level rights (idempotent
     // writes need IDEMPOTENT_WRITE on the cluster): every row would fail
     // alike, so none of them is the event's fault.
@@ -256,7 +264,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn size_and_authorization_are_permanent() {
+    fn size_is_permanent() {
         assert_eq!(
             classify_code(RDKafkaErrorCode::MessageSizeTooLarge),
             Class::Permanent(DlqReason::MessageTooLarge)
@@ -265,9 +273,24 @@ mod tests {
             classify_code(RDKafkaErrorCode::MessageBatchTooLarge),
             Class::Permanent(DlqReason::MessageTooLarge)
         );
+    }
+
+    #[test]
+    fn a_topic_acl_is_an_operators_fix_retried_without_limit() {
+        let class = classify_code(RDKafkaErrorCode::TopicAuthorizationFailed);
+        assert_eq!(class, Class::Transient("topic_authorization_failed"));
+        assert!(!class.counts_toward_max_attempts());
+        assert_eq!(class.retry_label(), "topic_authorization_failed");
+        // No broker answer produces the reason any more; old entries parse.
+        for code in PERMANENT_KAFKA.iter().map(|(c, _)| *c) {
+            assert_ne!(
+                classify_code(code),
+                Class::Permanent(DlqReason::TopicAuthorizationFailed)
+            );
+        }
         assert_eq!(
-            classify_code(RDKafkaErrorCode::TopicAuthorizationFailed),
-            Class::Permanent(DlqReason::TopicAuthorizationFailed)
+            DlqReason::parse("topic_authorization_failed"),
+            Some(DlqReason::TopicAuthorizationFailed)
         );
     }
 

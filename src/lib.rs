@@ -8,6 +8,7 @@
 pub mod catalog;
 pub mod config;
 pub mod consumer;
+pub mod dlq;
 pub mod envelope;
 pub mod failure;
 pub mod http;
@@ -20,6 +21,9 @@ pub mod sql;
 pub mod status;
 pub mod topics;
 pub mod writer;
+
+/// Months of dedupe partitions kept created ahead of time.
+pub const DEDUPE_MONTHS_AHEAD: i32 = 3;
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -360,6 +364,12 @@ async fn watch(
             Ok(b) => {
                 health.set(&source, true);
                 metrics::backlog(&source, b.pending, b.oldest_pending_age_seconds, b.dlq_dead);
+                match sql::dlq_age_and_forced(&pool).await {
+                    Ok((age, forced)) => metrics::dlq_age(&source, age, forced),
+                    Err(err) => {
+                        tracing::warn!(source = %source, error = %err, "DLQ age query failed")
+                    }
+                }
                 true
             }
             Err(err) => {
@@ -368,6 +378,19 @@ async fn watch(
                 false
             }
         };
+        // The coming months' dedupe partitions, at start and hourly (1800
+        // rounds): dedupe rows of a month without one land in the DEFAULT
+        // partition, which a purge cannot drop.
+        if reachable && round % 1800 == 1 {
+            match sql::dedupe_partitions_ensure(&pool, DEDUPE_MONTHS_AHEAD).await {
+                Ok(created) if !created.is_empty() => {
+                    tracing::info!(source = %source, partitions = ?created, "created dedupe partitions")
+                }
+                Ok(_) => {}
+                Err(err) => tracing::warn!(source = %source, error = %err,
+                    "creating the coming months' dedupe partitions failed; retried in an hour"),
+            }
+        }
         if reachable && !partitions_known {
             if let Ok(mut conn) = pool.acquire().await {
                 if let Ok(n) = sql::vpartition_count(&mut conn).await {

@@ -47,6 +47,10 @@ enum Command {
     /// Inspect, replay or discard dead-lettered events.
     #[command(subcommand)]
     Dlq(DlqCmd),
+    /// Retention: forget dedupe rows older than the dedupe horizon, and
+    /// relays that stopped reporting.
+    #[command(subcommand)]
+    Retention(RetentionCmd),
     /// Backlog, lag, DLQ depth and last publish of the outbox.
     Status {
         #[arg(long)]
@@ -76,6 +80,24 @@ enum TopicsCmd {
         apply: bool,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum RetentionCmd {
+    /// The dedupe horizon, the dedupe partitions a purge would drop, and
+    /// what it would delete; `--apply` drops and deletes.
+    Dedupe {
+        #[arg(long)]
+        apply: bool,
+        /// Also create this many months of partitions ahead.
+        #[arg(long, default_value_t = outbox_relay::DEDUPE_MONTHS_AHEAD)]
+        months_ahead: i32,
+    },
+    /// Forget relays that have not reported for this many hours.
+    Relays {
+        #[arg(long, default_value_t = 168)]
+        older_than_hours: i32,
     },
 }
 
@@ -125,6 +147,43 @@ enum DlqCmd {
         /// Replay every dead event when no filter is given.
         #[arg(long)]
         all: bool,
+        /// Also replay events older than the dedupe horizon (consumers may
+        /// have forgotten them and process them twice); needs --why.
+        #[arg(long, requires = "why")]
+        force: bool,
+        /// Why the replay is forced (kept in outbox_dlq_revisions).
+        #[arg(long)]
+        why: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Replace a dead event's payload (and optionally tenant or headers),
+    /// checked against the catalog, and publish it under the same event id.
+    Repair {
+        #[arg(long)]
+        event_id: String,
+        /// The corrected payload: a file holding one JSON object ("-" = stdin).
+        #[arg(long)]
+        payload_file: PathBuf,
+        /// Why (kept with the original in outbox_dlq_revisions).
+        #[arg(long)]
+        why: String,
+        /// Replace the tenant id too.
+        #[arg(long)]
+        tenant_id: Option<String>,
+        /// Replace the headers too: a file holding one JSON object.
+        #[arg(long)]
+        headers_file: Option<PathBuf>,
+        /// Repair an event older than the dedupe horizon anyway.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Delete replayed and discarded entries (never dead ones).
+    Purge {
+        /// Settled (replayed or discarded) more than this many days ago.
+        #[arg(long)]
+        older_than_days: i32,
     },
     /// Mark dead events as discarded, with a recorded reason.
     Discard {
@@ -263,6 +322,7 @@ async fn main() -> Result<()> {
             }
         }
         Command::Dlq(cmd) => dlq(&settings, cmd).await?,
+        Command::Retention(cmd) => retention(&settings, cmd).await?,
         Command::Status { json } => {
             let report = status::collect_all(&settings).await;
             if json {
@@ -372,6 +432,88 @@ fn render_schema(status: &sql::SchemaStatus) -> String {
     out
 }
 
+/// The `dlq replay` report: as before 0.2.0, `replayed N event(s)` and the
+/// replayed ids one a line (scripts read them), then, when some entries
+/// were skipped, how many and a table of why.
+fn render_replay(lines: &[sql::ReplayLine]) -> String {
+    let (replayed, skipped): (Vec<_>, Vec<_>) = lines.iter().partition(|l| l.replayed());
+    let mut out = format!("replayed {} event(s)\n", replayed.len());
+    for l in &replayed {
+        match &l.reason {
+            Some(reason) => out.push_str(&format!("{}  {reason}\n", l.event_id)),
+            None => out.push_str(&format!("{}\n", l.event_id)),
+        }
+    }
+    if skipped.is_empty() {
+        return out;
+    }
+    out.push_str(&format!("skipped {} event(s)\n", skipped.len()));
+    out.push_str(&format!("{:<26}  {:<22}  DETAIL\n", "EVENT_ID", "REASON"));
+    for l in &skipped {
+        out.push_str(&format!(
+            "{:<26}  {:<22}  {}\n",
+            l.event_id,
+            l.reason.as_deref().unwrap_or("-"),
+            l.detail.as_deref().unwrap_or("")
+        ));
+    }
+    out
+}
+
+/// A file holding one JSON object ("-" = stdin).
+fn read_json(path: &std::path::Path, flag: &str) -> Result<serde_json::Value> {
+    let text = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("reading stdin")?
+    } else {
+        std::fs::read_to_string(path).with_context(|| format!("{flag} {}", path.display()))?
+    };
+    let value: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{flag} {} is not JSON", path.display()))?;
+    if !value.is_object() {
+        bail!(
+            "{flag} {} must hold one JSON object (the event's payload or headers)",
+            path.display()
+        );
+    }
+    Ok(value)
+}
+
+async fn retention(settings: &Settings, cmd: RetentionCmd) -> Result<()> {
+    let pool = pool(settings).await?;
+    match cmd {
+        RetentionCmd::Dedupe {
+            apply,
+            months_ahead,
+        } => {
+            let days = sql::dedupe_horizon_days(&pool).await?;
+            println!("dedupe horizon: {days} days (outbox_config.dedupe_horizon_days)");
+            for p in sql::dedupe_partitions_ensure(&pool, months_ahead).await? {
+                println!("created  {p}");
+            }
+            for p in sql::dedupe_purge(&pool, !apply).await? {
+                println!(
+                    "{:<12} {:<40} {:>12} row(s), events before {}",
+                    p.action,
+                    p.partition_name,
+                    p.rows_removed,
+                    outbox_relay::envelope::format_time(p.events_before)
+                );
+            }
+            if !apply {
+                println!("dry run: --apply drops and deletes");
+            }
+        }
+        RetentionCmd::Relays { older_than_hours } => {
+            let ids = sql::relays_purge(&pool, older_than_hours).await?;
+            println!("forgot {} relay(s)", ids.len());
+            for id in ids {
+                println!("{id}");
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn dlq(settings: &Settings, cmd: DlqCmd) -> Result<()> {
     let pool = pool(settings).await?;
     match cmd {
@@ -401,7 +543,13 @@ async fn dlq(settings: &Settings, cmd: DlqCmd) -> Result<()> {
                 );
             }
         }
-        DlqCmd::Replay { filter, all } => {
+        DlqCmd::Replay {
+            filter,
+            all,
+            force,
+            why,
+            json,
+        } => {
             let f: DlqFilter = filter.into();
             let unfiltered = f.event_id.is_none()
                 && f.event_type.is_none()
@@ -411,11 +559,54 @@ async fn dlq(settings: &Settings, cmd: DlqCmd) -> Result<()> {
             if unfiltered && !all {
                 bail!("refusing to replay every dead event: give --event-id or a filter (--type, --reason, --from, --to), or --all");
             }
-            let ids = sql::dlq_replay(&pool, &f).await?;
-            println!("replayed {} event(s)", ids.len());
-            for id in ids {
-                println!("{id}");
+            let lines = sql::dlq_replay_report(&pool, &f, force, why.as_deref()).await?;
+            for l in lines
+                .iter()
+                .filter(|l| l.reason.as_deref() == Some("forced_past_horizon"))
+            {
+                tracing::warn!(event_id = %l.event_id, why = why.as_deref().unwrap_or_default(),
+                    "replayed an event older than the dedupe horizon: consumers may process it twice");
             }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&lines)?);
+            } else {
+                print!("{}", render_replay(&lines));
+            }
+        }
+        DlqCmd::Repair {
+            event_id,
+            payload_file,
+            why,
+            tenant_id,
+            headers_file,
+            force,
+        } => {
+            let catalog = Catalog::load(&settings.catalog.paths)?;
+            let payload = read_json(&payload_file, "--payload-file")?;
+            let headers = headers_file
+                .map(|f| read_json(&f, "--headers-file"))
+                .transpose()?;
+            let repair = sql::Repair {
+                event_id: event_id.clone(),
+                payload,
+                why,
+                tenant_id,
+                headers,
+                force,
+            };
+            let revision =
+                outbox_relay::dlq::repair(&pool, &catalog, &settings.kafka, &repair).await?;
+            if force {
+                tracing::warn!(event_id = %event_id,
+                    "repair forced: the event may be older than the dedupe horizon");
+            }
+            println!("repaired {event_id} (revision {revision}); replayed under the same event id");
+        }
+        DlqCmd::Purge { older_than_days } => {
+            let (entries, revisions) = sql::dlq_purge(&pool, older_than_days).await?;
+            println!(
+                "deleted {entries} replayed or discarded entr(y/ies) and {revisions} revision(s) of purged entries"
+            );
         }
         DlqCmd::Discard { filter, why } => {
             let ids = sql::dlq_discard(&pool, &why, &filter.into()).await?;

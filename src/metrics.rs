@@ -15,6 +15,12 @@ pub const DEAD_LETTERED: &str = "outbox_events_dead_lettered_total";
 pub const PENDING: &str = "outbox_pending_events";
 pub const OLDEST_PENDING_AGE: &str = "outbox_oldest_pending_age_seconds";
 pub const DLQ_EVENTS: &str = "outbox_dlq_events";
+/// How long the oldest dead entry has waited for an admin: the "DLQ entries
+/// older than N days" alert.
+pub const DLQ_OLDEST_DEAD_AGE: &str = "outbox_dlq_oldest_dead_age_seconds";
+/// Replays and repairs forced past the dedupe horizon, as recorded in
+/// `outbox_dlq_revisions` (so every relay of a source reports the same).
+pub const DLQ_FORCED_REPLAYS: &str = "outbox_dlq_forced_replays_total";
 pub const PUBLISH_LATENCY: &str = "outbox_publish_latency_seconds";
 pub const BATCH_SIZE: &str = "outbox_batch_size";
 pub const CLAIM_DURATION: &str = "outbox_claim_duration_seconds";
@@ -78,6 +84,14 @@ fn describe() {
     describe_gauge!(
         DLQ_EVENTS,
         "Dead events waiting for an admin in outbox_dlq (the planner's estimate above 100k)."
+    );
+    describe_gauge!(
+        DLQ_OLDEST_DEAD_AGE,
+        "Seconds since the oldest dead entry of outbox_dlq was dead-lettered (0 when none)."
+    );
+    describe_counter!(
+        DLQ_FORCED_REPLAYS,
+        "DLQ replays forced past the dedupe horizon (consumers may process them twice)."
     );
     describe_histogram!(
         PUBLISH_LATENCY,
@@ -149,6 +163,13 @@ pub fn backlog(source: &str, pending: i64, oldest_age_seconds: f64, dlq: i64) {
     gauge!(PENDING, "source" => source.to_owned()).set(pending as f64);
     gauge!(OLDEST_PENDING_AGE, "source" => source.to_owned()).set(oldest_age_seconds);
     gauge!(DLQ_EVENTS, "source" => source.to_owned()).set(dlq as f64);
+}
+
+/// The DLQ's age figures, read from the database with the backlog.
+pub fn dlq_age(source: &str, oldest_dead_age_seconds: f64, forced_replays: i64) {
+    gauge!(DLQ_OLDEST_DEAD_AGE, "source" => source.to_owned()).set(oldest_dead_age_seconds);
+    counter!(DLQ_FORCED_REPLAYS, "source" => source.to_owned())
+        .absolute(forced_replays.max(0) as u64);
 }
 
 /// A batch's latencies: the histogram is looked up once, not per event.

@@ -74,6 +74,22 @@ pub const RETRY_COLUMNS: &[&str] = &[
     "available_at",
 ];
 
+/// What the relay may write into the DLQ's audit trail: never who or when
+/// (`made_by`, `made_at` take their defaults, the session and the time).
+pub const REVISION_COLUMNS: &[&str] = &[
+    "event_id",
+    "revision",
+    "kind",
+    "old_payload",
+    "old_tenant_id",
+    "old_headers",
+    "new_payload",
+    "new_tenant_id",
+    "new_headers",
+    "why",
+    "detail",
+];
+
 /// Every allowed privilege. Everything else is denied.
 pub const GRANTS: &[Grant] = &[
     // Writers: one insert of an event, nothing else.
@@ -89,6 +105,8 @@ pub const GRANTS: &[Grant] = &[
     g(R, "SELECT", On::Table("outbox_dlq"), "outbox_dead_letter, status"),
     g(R, "INSERT", On::Table("outbox_dlq"), "outbox_dead_letter"),
     g(R, "UPDATE", On::Table("outbox_dlq"), "outbox_dead_letter of a replayed entry"),
+    g(R, "SELECT", On::Table("outbox_dlq_revisions"), "outbox_dead_letter: the next revision number"),
+    g(R, "INSERT", On::Columns("outbox_dlq_revisions", REVISION_COLUMNS), "outbox_dead_letter: a row a dead entry refused"),
     g(R, "SELECT", On::Table("outbox_config"), "the partition count"),
     g(R, "SELECT", On::Table("outbox_relays"), "membership, status"),
     g(R, "INSERT", On::Table("outbox_relays"), "heartbeat"),
@@ -104,10 +122,12 @@ pub const GRANTS: &[Grant] = &[
     g(R, "EXECUTE", On::Function("outbox_lease_acquire(text,integer,integer)"), "leases"),
     g(R, "EXECUTE", On::Function("outbox_lease_release(text,smallint[])"), "leases"),
     g(R, "EXECUTE", On::Function("outbox_lease_fence(text,smallint[],bigint[])"), "fencing a batch"),
+    g(R, "EXECUTE", On::Function("outbox_dedupe_partitions_ensure(integer,timestamp with time zone)"), "the coming months' dedupe partitions"),
     // Admin: read everything, DLQ and mapping functions, catalog mirror.
     g(A, "SELECT", On::Table("outbox"), "inspection"),
     g(A, "SELECT", On::Table("outbox_dlq"), "inspection"),
     g(A, "SELECT", On::Table("outbox_dlq_summary"), "inspection"),
+    g(A, "SELECT", On::Table("outbox_dlq_revisions"), "the DLQ's audit trail (append-only)"),
     g(A, "SELECT", On::Table("processed_event_ids"), "inspection"),
     g(A, "SELECT", On::Table("consumer_parked_events"), "inspection"),
     g(A, "DELETE", On::Table("consumer_parked_events"), "removing a handled parked event"),
@@ -134,6 +154,13 @@ pub const GRANTS: &[Grant] = &[
     g(A, "EXECUTE", On::Function("outbox_dlq_replay(text,text,timestamp with time zone,timestamp with time zone,text)"), "dlq replay"),
     g(A, "EXECUTE", On::Function("outbox_dlq_replay_event(text)"), "dlq replay"),
     g(A, "EXECUTE", On::Function("outbox_dlq_discard(text,text,text,text,timestamp with time zone,timestamp with time zone)"), "dlq discard"),
+    g(A, "EXECUTE", On::Function("outbox_dlq_replay_report(text,text,timestamp with time zone,timestamp with time zone,text,boolean,text)"), "dlq replay"),
+    g(A, "EXECUTE", On::Function("outbox_dlq_repair(text,jsonb,text,text,jsonb,boolean)"), "dlq repair"),
+    g(A, "EXECUTE", On::Function("outbox_set_dedupe_horizon(integer)"), "retention"),
+    g(A, "EXECUTE", On::Function("outbox_dedupe_partitions_ensure(integer,timestamp with time zone)"), "retention"),
+    g(A, "EXECUTE", On::Function("outbox_dedupe_purge(boolean)"), "retention"),
+    g(A, "EXECUTE", On::Function("outbox_dlq_purge(interval)"), "retention"),
+    g(A, "EXECUTE", On::Function("outbox_relays_purge(interval)"), "retention"),
     g(A, "EXECUTE", On::Function("outbox_enable_notify()"), "wake-ups"),
     g(A, "EXECUTE", On::Function("outbox_disable_notify()"), "wake-ups"),
     // Consumers: their own dedupe and parked rows (row security by mapping).

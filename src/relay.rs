@@ -388,6 +388,12 @@ impl Relay {
                     dead.push(msg.id, &msg.def.event_type, reason, err.to_string());
                 }
                 Class::Transient(label) => {
+                    if label == failure::TOPIC_AUTHORIZATION_FAILED {
+                        // Nothing recovers until an operator grants the ACL.
+                        tracing::error!(event_id = %msg.event_id, event_type = %msg.def.event_type,
+                            topic = %msg.topic, error = %err,
+                            "the broker denies the relay this topic; the event is retried until the ACL is granted");
+                    }
                     metrics::publish_failure(self.source(), label);
                     retry_ids.push(msg.id);
                     retry_errors.push(err.to_string());
