@@ -61,6 +61,13 @@ impl DlqReason {
     }
 }
 
+/// A statement gave up waiting for a row lock (`lock_timeout`, 55P03).
+pub fn is_lock_timeout(err: &sqlx::Error) -> bool {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|c| c == "55P03")
+}
+
 /// What to do with one row after a failed attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Class {

@@ -191,6 +191,7 @@ impl Leases {
 async fn connect(url: &str) -> sqlx::Result<PgConnection> {
     url.parse::<PgConnectOptions>()?
         .application_name("outbox-relay-leases")
+        .options(sql::DEAD_PEER)
         .connect()
         .await
 }

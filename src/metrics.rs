@@ -25,6 +25,7 @@ pub const PUBLISH_LATENCY: &str = "outbox_publish_latency_seconds";
 pub const BATCH_SIZE: &str = "outbox_batch_size";
 pub const CLAIM_DURATION: &str = "outbox_claim_duration_seconds";
 pub const LEASES_OWNED: &str = "outbox_leases_owned";
+pub const BLOCKED_PARTITIONS: &str = "outbox_blocked_partitions";
 /// Virtual partitions of a source. `sum by (source) (outbox_leases_owned)`
 /// below it means some partitions have no owner and nobody publishes them.
 pub const LEASE_PARTITIONS: &str = "outbox_lease_partitions";
@@ -103,6 +104,10 @@ fn describe() {
         "Time to claim one batch, empty claims included, in seconds."
     );
     describe_gauge!(LEASES_OWNED, "Virtual-partition leases this relay holds.");
+    describe_gauge!(
+        BLOCKED_PARTITIONS,
+        "Leased partitions left out of claims because another transaction (a stalled former owner) holds their rows."
+    );
     describe_gauge!(
         LEASE_PARTITIONS,
         "Virtual partitions of the source; every one should have an owner."
@@ -197,6 +202,10 @@ pub fn last_publish(source: &str, unix_seconds: f64) {
 
 pub fn leases_owned(source: &str, n: usize) {
     gauge!(LEASES_OWNED, "source" => source.to_owned()).set(n as f64);
+}
+
+pub fn blocked_partitions(source: &str, n: usize) {
+    gauge!(BLOCKED_PARTITIONS, "source" => source.to_owned()).set(n as f64);
 }
 
 pub fn lease_partitions(source: &str, n: usize) {

@@ -50,6 +50,14 @@ struct Tracker {
 }
 
 impl Tracker {
+    /// A message that was never handed to librdkafka: no report will come,
+    /// and its result stays `None` (unsettled: the row is published again).
+    fn skip(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.done.notify_one();
+        }
+    }
+
     fn record(&self, index: usize, result: Result<Ack, KafkaError>) {
         let mut results = self.results.lock().expect("delivery results lock");
         if let Some(slot) = results.get_mut(index) {
@@ -205,7 +213,16 @@ impl Drop for Produced {
 
 /// Queues every message of a batch, in order, without waiting for Kafka:
 /// the order of these calls is the order within each Kafka partition.
-pub async fn produce(producer: &RelayProducer, batch: &mut [Prepared]) -> Produced {
+/// `may_send` is asked right before each message is handed to librdkafka;
+/// a message it refuses is not sent, and neither is any message after it
+/// (their results stay `None`). The relay uses it to re-check its lease
+/// after every wait: a process paused between claim and produce (a frozen
+/// VM, SIGSTOP) must not publish rows another relay owns by now.
+pub async fn produce(
+    producer: &RelayProducer,
+    batch: &mut [Prepared],
+    may_send: impl Fn(&Prepared) -> bool,
+) -> Produced {
     let batches = producer.context().batches.clone();
     let seq = batches.next.fetch_add(1, Ordering::Relaxed);
     let tracker = Arc::new(Tracker {
@@ -220,7 +237,14 @@ pub async fn produce(producer: &RelayProducer, batch: &mut [Prepared]) -> Produc
         .expect("delivery batches lock")
         .insert(seq, tracker.clone());
     let base = (seq as usize) << INDEX_BITS;
+    let mut refused = false;
     for (i, msg) in batch.iter_mut().enumerate() {
+        refused = refused || !may_send(msg);
+        if refused {
+            msg.value = Vec::new();
+            tracker.skip();
+            continue;
+        }
         let headers = msg.headers.take().unwrap_or_default();
         let mut record = BaseRecord::with_opaque_to(&msg.topic, base | i)
             .key(msg.key.as_bytes())
@@ -234,6 +258,11 @@ pub async fn produce(producer: &RelayProducer, batch: &mut [Prepared]) -> Produc
                     // The local queue is full: let librdkafka drain it.
                     record = back;
                     tokio::time::sleep(Duration::from_millis(2)).await;
+                    if !may_send(msg) {
+                        refused = true;
+                        tracker.skip();
+                        break;
+                    }
                 }
                 Err((err, _)) => {
                     tracker.record(i, Err(err));

@@ -58,6 +58,16 @@ pub struct Relay {
     progress: Arc<Progress>,
     /// Woken by LISTEN/NOTIFY (when `relay.listen` is on) to end an idle wait early.
     wake: Arc<tokio::sync::Notify>,
+    /// Leased partitions with rows still locked by another transaction (a
+    /// stalled former owner): left out of claims until a probe finds them
+    /// free, so that one stalled owner holds back only its own partitions.
+    blocked: Mutex<Blocked>,
+}
+
+#[derive(Default)]
+struct Blocked {
+    vpartitions: std::collections::BTreeSet<i16>,
+    probed: Option<Instant>,
 }
 
 /// What this relay has published; read by the heartbeat.
@@ -157,6 +167,7 @@ impl Relay {
             leases: None,
             progress: Arc::new(Progress::default()),
             wake: Arc::new(tokio::sync::Notify::new()),
+            blocked: Mutex::new(Blocked::default()),
         }
     }
 
@@ -217,20 +228,33 @@ impl Relay {
             Some(l) => Some(l.step_gate.clone().read_owned().await),
             None => None,
         };
-        let usable = self.leases.as_ref().map(|l| l.usable());
+        let usable = match self.leases.as_ref().map(|l| l.usable()) {
+            Some(u) => Some(self.unblocked(u).await?),
+            None => None,
+        };
         if usable.as_ref().is_some_and(|u| u.vpartitions.is_empty()) {
-            // Standing by: no partition leased (yet).
+            // Standing by: no partition leased (yet), or every one blocked.
             return Ok(None);
         }
         let started = Instant::now();
         let mut tx = sql::begin_claim(&self.pool).await?;
-        let rows = sql::claim(
+        let vpartitions = usable.as_ref().map(|u| u.vpartitions.as_slice());
+        let claimed = sql::claim(
             &mut tx,
             relay.batch_size as i64,
-            usable.as_ref().map(|u| u.vpartitions.as_slice()),
+            vpartitions,
             after.unwrap_or(0),
         )
-        .await?;
+        .await;
+        let rows = match (claimed, vpartitions) {
+            (Ok(rows), _) => rows,
+            (Err(err), Some(vps)) if failure::is_lock_timeout(&err) => {
+                drop(tx);
+                self.block(vps, after.unwrap_or(0)).await?;
+                return Ok(None);
+            }
+            (Err(err), _) => return Err(err.into()),
+        };
         let claimed_in = started.elapsed();
         metrics::batch(rows.len(), claimed_in);
         if rows.is_empty() {
@@ -254,6 +278,98 @@ impl Relay {
             claimed_in,
             gate,
         }))
+    }
+
+    /// A claim waited its lock timeout (500 ms, `sql::begin_claim`) on a row another
+    /// transaction holds: with leases that is a former owner that stalled
+    /// with its batch open (a frozen host, a half-open connection). Find
+    /// which partitions it holds and leave them out until they are free;
+    /// the others go on at once.
+    async fn block(&self, vpartitions: &[i16], after: i64) -> Result<(), RelayError> {
+        let locked = sql::locked_partitions(
+            &self.pool,
+            vpartitions,
+            after,
+            self.settings.relay.batch_size as i64,
+        )
+        .await?;
+        let mut blocked = self.blocked.lock().expect("blocked partitions");
+        blocked.vpartitions.extend(locked.iter().copied());
+        blocked.probed = Some(Instant::now());
+        metrics::blocked_partitions(&self.source, blocked.vpartitions.len());
+        // Empty when the holder's transaction ended between the claim and
+        // the probe: nothing to leave out.
+        if !locked.is_empty() {
+            tracing::warn!(source = %self.source, vpartitions = ?locked,
+                "rows of these partitions are locked by another transaction (a stalled former owner?); \
+                 claiming the other partitions until they are free");
+        }
+        Ok(())
+    }
+
+    /// The usable leases less the blocked partitions; every
+    /// `BLOCKED_PROBE_EVERY` the blocked ones are probed and those free
+    /// again come back.
+    async fn unblocked(
+        &self,
+        mut usable: crate::lease::Usable,
+    ) -> Result<crate::lease::Usable, RelayError> {
+        let (blocked, probe) = {
+            let b = self.blocked.lock().expect("blocked partitions");
+            let due = b.probed.is_none_or(|t| t.elapsed() >= BLOCKED_PROBE_EVERY);
+            (b.vpartitions.clone(), due)
+        };
+        if blocked.is_empty() {
+            return Ok(usable);
+        }
+        // Only partitions still leased can be blocked for this relay.
+        let held: Vec<i16> = blocked
+            .iter()
+            .copied()
+            .filter(|vp| usable.vpartitions.contains(vp))
+            .collect();
+        let still = if probe && !held.is_empty() {
+            sql::locked_partitions(&self.pool, &held, 0, self.settings.relay.batch_size as i64)
+                .await?
+        } else if probe {
+            Vec::new()
+        } else {
+            held
+        };
+        {
+            let mut b = self.blocked.lock().expect("blocked partitions");
+            if probe {
+                let freed: Vec<i16> = b
+                    .vpartitions
+                    .iter()
+                    .copied()
+                    .filter(|vp| !still.contains(vp))
+                    .collect();
+                if !freed.is_empty() {
+                    tracing::info!(source = %self.source, vpartitions = ?freed,
+                        "blocked partitions are free again; claiming them");
+                }
+                b.vpartitions = still.iter().copied().collect();
+                b.probed = Some(Instant::now());
+            }
+            metrics::blocked_partitions(&self.source, b.vpartitions.len());
+        }
+        let keep: Vec<bool> = usable
+            .vpartitions
+            .iter()
+            .map(|vp| !still.contains(vp))
+            .collect();
+        let mut i = 0;
+        usable.vpartitions.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        let mut i = 0;
+        usable.epochs.retain(|_| {
+            i += 1;
+            keep[i - 1]
+        });
+        Ok(usable)
     }
 
     /// Builds the envelopes of a claimed batch and queues its messages in
@@ -301,7 +417,18 @@ impl Relay {
             row.headers = None;
         }
         let producer = self.producer();
-        let produced = publish::produce(&producer, &mut ready).await;
+        // The lease is checked again right before each message: this task
+        // may have waited (its produce turn, a full queue, a paused process)
+        // since the claim, and a partition taken over meanwhile must get
+        // nothing more from this relay. What is not sent stays unsettled.
+        let leases = self.leases.as_ref();
+        let may_send = |m: &Prepared| match leases {
+            None => true,
+            Some(l) => l
+                .still_valid(m.vpartition, epochs[&m.vpartition])
+                .is_some_and(|until| until > Instant::now()),
+        };
+        let produced = publish::produce(&producer, &mut ready, may_send).await;
         InFlight {
             tx,
             rows,
@@ -716,6 +843,10 @@ fn batch_leases(rows: &[OutboxRow], epochs: &HashMap<i16, i64>) -> (Vec<i16>, Ve
     let eps = vps.iter().map(|vp| epochs[vp]).collect();
     (vps, eps)
 }
+
+/// How often partitions blocked by another transaction's row locks are
+/// probed to see whether they are free again.
+const BLOCKED_PROBE_EVERY: Duration = Duration::from_millis(500);
 
 /// How long past `kafka.message_timeout_ms` a batch waits for delivery
 /// reports that librdkafka should already have sent.

@@ -297,13 +297,35 @@ pub async fn connect_relay(
                 "idle_in_transaction_session_timeout",
                 format!("{}ms", idle_timeout.as_millis()),
             ),
-        ]);
+        ])
+        .options(DEAD_PEER);
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(timeout)
         .connect_with(options)
         .await
 }
+
+/// The server ends a relay's session, and with it the row locks of its
+/// open batch, within a bound when the relay's host stops answering (a
+/// frozen VM, a network partition, a half-open connection). Without these a
+/// backend blocked sending to it waits for the kernel's TCP retries (about
+/// 15 minutes), and the rows it holds stall their partitions for every
+/// other relay.
+///  * `tcp_user_timeout`: data the server sent stays unacknowledged 10 s;
+///  * keepalives: an idle connection whose peer is gone, after 5 + 3 × 2 s;
+///  * `statement_timeout`: no relay statement runs anywhere near a minute.
+///
+/// An idle transaction is ended by `idle_in_transaction_session_timeout`.
+/// A paused relay process on a live host is answered by its kernel, so only
+/// the last bounds it (see docs/scaling.md for what remains open).
+pub const DEAD_PEER: [(&str, &str); 5] = [
+    ("tcp_user_timeout", "10000"),
+    ("tcp_keepalives_idle", "5"),
+    ("tcp_keepalives_interval", "2"),
+    ("tcp_keepalives_count", "3"),
+    ("statement_timeout", "60s"),
+];
 
 // Read by position in CLAIMED_COLUMNS order: looking every column up by name
 // costs a hash lookup per column per row, a visible share of a drain.
@@ -332,7 +354,42 @@ const CLAIMED_COLUMNS: &str = "id, event_id, event_type, tenant_id, payload::tex
 /// to, in one round trip: the relay claims up to a few hundred times a
 /// second, and on a busy machine every round trip waits for a core.
 pub async fn begin_claim(pool: &PgPool) -> sqlx::Result<Transaction<'static, Postgres>> {
-    pool.begin_with("BEGIN; SAVEPOINT claim").await
+    pool.begin_with(BEGIN_CLAIM).await
+}
+
+/// A batch's transaction waits at most 500 ms for a row lock (the pool's 2 s
+/// is for everything else): under leases only a stalled former owner holds
+/// rows this relay claims, and the sooner the claim gives up, the sooner
+/// the relay finds that owner's partitions and claims around them.
+const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL lock_timeout = '500ms'; SAVEPOINT claim";
+
+/// Of `vpartitions`, those whose due rows (above `after`, the first `limit`
+/// of them) include one locked by another transaction. Locks nothing for
+/// long: its own `SKIP LOCKED` locks end with the rolled-back transaction.
+pub async fn locked_partitions(
+    pool: &PgPool,
+    vpartitions: &[i16],
+    after: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<i16>> {
+    let mut tx = pool.begin().await?;
+    let locked = sqlx::query_scalar(
+        "WITH due AS ( \
+             SELECT id, vpartition FROM outbox \
+              WHERE id > $2 AND available_at <= now() AND vpartition = ANY($1) \
+              ORDER BY id LIMIT $3 \
+         ), free AS ( \
+             SELECT id FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM due)) FOR UPDATE SKIP LOCKED \
+         ) \
+         SELECT DISTINCT vpartition FROM due WHERE id NOT IN (SELECT id FROM free) ORDER BY 1",
+    )
+    .bind(vpartitions)
+    .bind(after)
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    tx.rollback().await?;
+    Ok(locked)
 }
 
 /// Claims up to `limit` due rows above `after_id` in ordering-id order —
@@ -376,6 +433,11 @@ pub fn claim_statement(leased: bool) -> String {
     } else {
         ("", "FOR UPDATE SKIP LOCKED")
     };
+    // `available_at` is tested again outside the subquery: a row the
+    // DELETE had to wait for is re-read after the wait, and only conditions
+    // of the DELETE itself are checked again on it. A stalled owner that
+    // rescheduled the row before its transaction ended must not have it
+    // claimed at once.
     format!(
         "DELETE FROM outbox WHERE id = ANY(ARRAY( \
              SELECT id FROM outbox \
@@ -383,6 +445,7 @@ pub fn claim_statement(leased: bool) -> String {
               ORDER BY id \
               LIMIT $1 \
               {lock})) \
+           AND available_at <= now() \
          RETURNING {CLAIMED_COLUMNS}"
     )
 }

@@ -27,14 +27,6 @@ const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
 // ---------------------------------------------------------------- helpers
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// One HTTP/1.1 GET; returns the status code and the body.
 async fn get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))

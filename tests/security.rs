@@ -411,28 +411,6 @@ async fn the_relay_role_cannot_replay_discard_map_or_write_events() {
     }
 }
 
-/// A free local port for the relay's /metrics listener.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
-
 /// Stops a relay process with SIGTERM; returns its stderr (JSON log lines).
 fn stop(child: Spawned) -> String {
     let (status, stderr) = child.terminate();

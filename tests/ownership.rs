@@ -1,0 +1,221 @@
+//! Ownership when a relay stalls instead of dying: a former owner's open
+//! batch must hold back only its own partitions, a claim that waited on it
+//! must not take rows it rescheduled, a fence must use the clock of the
+//! check, and a relay that cannot prove its lease sends nothing more.
+//! Relays and writers run as the documented login roles; the superuser only
+//! plays the stalled owner (an open transaction holding row locks).
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use common::*;
+use outbox_relay::publish;
+use outbox_relay::sql;
+use serde_json::json;
+
+/// Inserts one `notify.notification.sent` per key, as the notify writer;
+/// returns (event id, key) in insert order.
+async fn write_keys(env: &TestEnv, keys: usize) -> Vec<(String, String)> {
+    let writer = env.writer("notify").await;
+    let mut out = Vec::new();
+    for k in 0..keys {
+        let id = outbox_relay::writer::new_event_id();
+        let key = format!("key-{k}");
+        sqlx::query(
+            "INSERT INTO outbox (event_id, event_type, payload) VALUES ($1, 'notify.notification.sent', $2)",
+        )
+        .bind(&id)
+        .bind(json!({"notificationId": key, "channel": "email", "userId": "u"}))
+        .execute(&writer)
+        .await
+        .unwrap();
+        out.push((id, key));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_stalled_former_owner_holds_back_only_its_own_partitions() {
+    let env = TestEnv::new().await;
+    let written = write_keys(&env, 60).await;
+    let vpartition: HashMap<String, i16> =
+        sqlx::query_as::<_, (String, i16)>("SELECT event_id, vpartition FROM outbox")
+            .fetch_all(env.admin())
+            .await
+            .unwrap()
+            .into_iter()
+            .collect();
+
+    // The stalled owner: a transaction that claimed the first row and never
+    // ends (its host froze). Only a superuser fixture can stand in for it.
+    let (stalled_id, _) = &written[0];
+    let stalled_vp = vpartition[stalled_id];
+    let mut stalled = env.fixtures().begin().await.unwrap();
+    sqlx::query("SELECT id FROM outbox WHERE event_id = $1 FOR UPDATE")
+        .bind(stalled_id)
+        .execute(&mut *stalled)
+        .await
+        .unwrap();
+
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let relay = env.spawn_process(&[
+        ("OUTBOX_RELAY_HTTP__LISTEN", listen.as_str()),
+        ("OUTBOX_RELAY_LOG__FORMAT", "json"),
+    ]);
+    let started = Instant::now();
+    let others: HashSet<&str> = written
+        .iter()
+        .filter(|(id, _)| vpartition[id] != stalled_vp)
+        .map(|(id, _)| id.as_str())
+        .collect();
+    let held: Vec<&str> = written
+        .iter()
+        .filter(|(id, _)| vpartition[id] == stalled_vp)
+        .map(|(id, _)| id.as_str())
+        .collect();
+    assert!(others.len() >= 50, "{} keys elsewhere", others.len());
+
+    let topic = env.topic("platform.notify.events");
+    let consumer = env.consumer(std::slice::from_ref(&topic));
+    let first = read(&consumer, others.len(), Duration::from_secs(30)).await;
+    let others_in = started.elapsed();
+    let got: HashSet<String> = first
+        .iter()
+        .map(|m| m.value["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(
+        got.len(),
+        others.len(),
+        "every event of the other partitions arrives while the owner stalls"
+    );
+    assert!(got.iter().all(|id| others.contains(id.as_str())), "{got:?}");
+    let metrics = scrape(port).await;
+    let source = &env.settings.relay.source;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == format!("outbox_blocked_partitions{{source=\"{source}\"}} 1")),
+        "{metrics}"
+    );
+
+    // The stalled owner's transaction ends (its session is terminated, or
+    // it rolls back): its partition follows, in order.
+    stalled.rollback().await.unwrap();
+    let rest = read(&consumer, held.len(), Duration::from_secs(20)).await;
+    let rest_ids: Vec<&str> = rest
+        .iter()
+        .map(|m| m.value["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rest_ids, held,
+        "the blocked partition, complete and in order"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            env.outbox_count().await == 0
+        })
+        .await
+    );
+    let (status, stderr) = relay.terminate();
+    assert!(status.success(), "{stderr}");
+    assert!(stderr.contains("claiming the other partitions"), "{stderr}");
+    println!(
+        "stalled owner: {} events of other partitions published {:.1}s after start; \
+         its partition's {} events after it ended",
+        others.len(),
+        others_in.as_secs_f64(),
+        held.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_waited_on_a_lock_does_not_take_a_row_rescheduled_meanwhile() {
+    let env = TestEnv::new().await;
+    write_keys(&env, 1).await;
+    let all: Vec<i16> = (0..256).collect();
+
+    // The former owner: locks the row, then reschedules it an hour ahead
+    // (what its retry does) and commits while the new claim waits.
+    let mut owner = env.fixtures().begin().await.unwrap();
+    sqlx::query("SELECT id FROM outbox FOR UPDATE")
+        .execute(&mut *owner)
+        .await
+        .unwrap();
+    let relay = env.relay_pool().await;
+    let waiting = tokio::spawn(async move {
+        let mut tx = sql::begin_claim(&relay).await.unwrap();
+        let rows = sql::claim(&mut tx, 100, Some(&all), 0).await.unwrap();
+        tx.rollback().await.unwrap();
+        rows
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    sqlx::query("UPDATE outbox SET available_at = now() + interval '1 hour', attempts = 1")
+        .execute(&mut *owner)
+        .await
+        .unwrap();
+    owner.commit().await.unwrap();
+    let rows = waiting.await.unwrap();
+    assert!(
+        rows.is_empty(),
+        "a row not due for an hour was claimed: {rows:?}"
+    );
+    assert_eq!(env.outbox_count().await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_fence_uses_the_clock_of_the_check() {
+    let env = TestEnv::new().await;
+    // A lease of this relay that runs out 1 s from now (fixture: leases are
+    // the lease task's to write).
+    sqlx::query(
+        "UPDATE outbox_leases SET owner = 'r1', epoch = 7, expires_at = clock_timestamp() + interval '1 second' \
+          WHERE vpartition = 3",
+    )
+    .execute(env.fixtures())
+    .await
+    .unwrap();
+    let relay = env.relay_pool().await;
+    let mut tx = relay.begin().await.unwrap();
+    let held = sql::lease_fence(&mut tx, "r1", &[3], &[7]).await.unwrap();
+    assert_eq!(held, vec![3], "held while it lasts");
+    // A batch that waited for Kafka past the expiry, in the same transaction.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let held = sql::lease_fence(&mut tx, "r1", &[3], &[7]).await.unwrap();
+    assert!(held.is_empty(), "an expired lease passed the fence");
+    tx.rollback().await.unwrap();
+}
+
+/// The fence on the Kafka side: a message the relay may no longer send (its
+/// lease ran out while it waited) is not handed to librdkafka, nor is any
+/// after it, and its result stays open so that its row is not deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_that_cannot_prove_its_lease_sends_nothing_more() {
+    let env = TestEnv::new().await;
+    write_keys(&env, 3).await;
+    let relay_pool = env.relay_pool().await;
+    let mut tx = sql::begin_claim(&relay_pool).await.unwrap();
+    let rows = sql::claim(&mut tx, 10, None, 0).await.unwrap();
+    let mut ready: Vec<_> = rows
+        .iter()
+        .map(|r| outbox_relay::envelope::prepare(r, &env.catalog, &env.prefix, 1_000_000).unwrap())
+        .collect();
+    let producer = publish::create_producer(&env.settings.kafka).unwrap();
+    let allowed = ready[0].id;
+    let produced = publish::produce(&producer, &mut ready, |m| m.id == allowed).await;
+    let results = publish::acks(produced, tokio::time::sleep(Duration::from_secs(20))).await;
+    tx.rollback().await.unwrap();
+    assert!(matches!(results[0], Some(Ok(_))), "{results:?}");
+    assert!(results[1].is_none() && results[2].is_none(), "{results:?}");
+    let got = env
+        .consume(
+            &[env.topic("platform.notify.events")],
+            3,
+            Duration::from_secs(5),
+        )
+        .await;
+    assert_eq!(got.len(), 1, "{got:?}");
+    assert_eq!(got[0].value["id"], rows[0].event_id.as_str());
+}
