@@ -463,17 +463,14 @@ async fn each_permanent_failure_is_dead_lettered_intact_with_reason_message_and_
         .await;
     assert_eq!(ids(&got), vec![first, last]);
 
-    // A type still missing from the catalog cannot be replayed: the
-    // publisher trigger refuses it and the whole replay changes nothing.
-    let err = sqlx::query("SELECT outbox_dlq_replay(p_reason => 'unknown_event_type')")
-        .execute(env.admin())
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("unknown event type money.wallet.refunded: not in the event catalog"),
-        "{err}"
-    );
+    // A type still missing from the catalog cannot be replayed: the replay
+    // skips it (tests/dlq.rs shows the reasons it reports) and changes nothing.
+    let replayed: Vec<String> =
+        sqlx::query_scalar("SELECT outbox_dlq_replay(p_reason => 'unknown_event_type')")
+            .fetch_all(env.admin())
+            .await
+            .unwrap();
+    assert!(replayed.is_empty(), "{replayed:?}");
     assert_eq!(dlq(&env).await[&unknown].state, "dead");
     assert_eq!(env.outbox_count().await, 0);
 }
@@ -1068,73 +1065,6 @@ async fn step_when_due(relay: &outbox_relay::relay::Relay) -> Outcome {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn mock_cluster_topic_authorization_failure_is_dead_lettered() {
-    outbox_relay::metrics_handle().unwrap();
-    let env = TestEnv::new().await;
-    let mock = MockCluster::new(1).unwrap();
-    let settings = on_mock(&mock, &env).await;
-    let relay = env.relay_with(settings).await;
-    let notify = || example_payload("notify.notification.sent");
-
-    // Warm up: the producer has its id and a connection.
-    let warm = env.insert("notify.notification.sent", notify()).await;
-    assert_eq!(step_when_due(&relay).await, batch(1, 1, 0, 0));
-
-    // The relay's principal may not write the audit topic; the notify topic
-    // in the same batch is unaffected.
-    mock.topic_error(
-        &env.topic("platform.audit.events"),
-        RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED,
-    )
-    .unwrap();
-    let before = env.insert("notify.notification.sent", notify()).await;
-    let denied = env
-        .insert(
-            "audit.record.created",
-            example_payload("audit.record.created"),
-        )
-        .await;
-    let after = env.insert("notify.notification.sent", notify()).await;
-    assert_eq!(step_when_due(&relay).await, batch(3, 2, 1, 0));
-    let dead = dlq(&env).await;
-    assert_eq!(dead.keys().collect::<Vec<_>>(), vec![&denied]);
-    assert_eq!(dead[&denied].reason, "topic_authorization_failed");
-    assert_eq!(
-        dead[&denied].last_error,
-        "Message production error: TopicAuthorizationFailed (Broker: Topic authorization failed)"
-    );
-    assert_eq!(
-        counter(
-            "outbox_events_dead_lettered_total",
-            &env.settings.relay.source,
-            "reason",
-            "topic_authorization_failed"
-        ),
-        1.0
-    );
-    assert_eq!(env.outbox_count().await, 0);
-
-    // What the mock broker holds: the notify events, in order.
-    let consumer: rdkafka::consumer::StreamConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", mock.bootstrap_servers())
-        .set("group.id", format!("test-{}", unique()))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    rdkafka::consumer::Consumer::subscribe(
-        &consumer,
-        &[env.topic("platform.notify.events").as_str()],
-    )
-    .unwrap();
-    let got = read(&consumer, 4, Duration::from_secs(5)).await;
-    let mut got_ids = ids(&got);
-    got_ids.sort();
-    let mut want = vec![warm, before, after];
-    want.sort();
-    assert_eq!(got_ids, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
