@@ -28,7 +28,11 @@ CONTROLLER_PORT0="${OUTBOX_CLUSTER_CONTROLLER_PORT:-19121}"
 PROPS_TEMPLATE="$SCRIPT_DIR/kafka/cluster.properties"
 LOG4J_CONF="$SCRIPT_DIR/kafka/log4j2.properties"
 CLUSTER_ID_FILE="$OUTBOX_CLUSTER_DIR/cluster.id"
-START_TIMEOUT="${OUTBOX_CLUSTER_START_TIMEOUT:-180}"
+# A restarted node replays the metadata log and loads every partition before
+# it opens its port, slowly on a busy machine: START_TIMEOUT is how long it
+# may go without writing a log line, START_MAX bounds the whole start.
+START_TIMEOUT="${OUTBOX_CLUSTER_START_TIMEOUT:-120}"
+START_MAX="${OUTBOX_CLUSTER_START_MAX:-600}"
 STOP_TIMEOUT=60
 
 JAVA="${JAVA_HOME:+$JAVA_HOME/bin/}java"
@@ -173,16 +177,24 @@ launch_node() {
 # controller and is unfenced: a cheap, good readiness signal. A node alone
 # cannot get there (no quorum), so `up` launches all before waiting.
 wait_port() {
-  local n="$1" pid="$2" deadline=$((SECONDS + START_TIMEOUT))
+  local n="$1" pid="$2" deadline=$((SECONDS + START_TIMEOUT)) hard=$((SECONDS + START_MAX))
+  local size last_size
+  last_size="$(stat -c %s "$(server_log "$n")" 2>/dev/null || echo 0)"
   until tcp_open 127.0.0.1 "$(broker_port "$n")"; do
     if ! is_node "$n" "$pid"; then
       show_log_tail "$(stdout_log "$n")" 15
       show_log_tail "$(server_log "$n")" 40
       die "node $n (pid $pid) exited during start-up; see $(server_log "$n")"
     fi
-    if ((SECONDS >= deadline)); then
+    size="$(stat -c %s "$(server_log "$n")" 2>/dev/null || echo 0)"
+    if [[ "$size" != "$last_size" ]]; then
+      # Still loading partitions or catching up: progress, not a hang.
+      last_size="$size"
+      deadline=$((SECONDS + START_TIMEOUT))
+    fi
+    if ((SECONDS >= deadline || SECONDS >= hard)); then
       show_log_tail "$(server_log "$n")" 40
-      die "node $n did not open 127.0.0.1:$(broker_port "$n") within ${START_TIMEOUT}s; see $(server_log "$n")"
+      die "node $n did not open 127.0.0.1:$(broker_port "$n") (no log line for ${START_TIMEOUT}s, or ${START_MAX}s in all); see $(server_log "$n")"
     fi
     sleep 0.2
   done
@@ -241,14 +253,22 @@ cmd_up() {
   log "ready: $(bootstrap) in $(( ($(now_ms) - t0) / 1000 ))s (state $OUTBOX_CLUSTER_DIR)"
 }
 
+# All at once: stopped one by one, the last nodes would wait for a quorum
+# (to shut down in a controlled way) that is already gone.
 cmd_down() {
   take_lock cluster
-  local n
+  local n pid
+  for n in "${NODES[@]}"; do
+    if pid="$(node_pid "$n")"; then kill -TERM "$pid" 2>/dev/null || true; fi
+  done
   for n in "${NODES[@]}"; do signal_node "$n" TERM; done
 }
 
+# The data goes too, so nothing needs a clean shutdown.
 cmd_destroy() {
-  cmd_down
+  take_lock cluster
+  local n
+  for n in "${NODES[@]}"; do signal_node "$n" KILL; done
   local n
   for n in "${NODES[@]}"; do
     if tcp_open 127.0.0.1 "$(broker_port "$n")" || tcp_open 127.0.0.1 "$(controller_port "$n")"; then
