@@ -270,10 +270,14 @@ cmd_destroy() {
   local n
   for n in "${NODES[@]}"; do signal_node "$n" KILL; done
   local n
+  # A killed JVM's sockets can outlive its pid for a moment.
+  local tries
   for n in "${NODES[@]}"; do
-    if tcp_open 127.0.0.1 "$(broker_port "$n")" || tcp_open 127.0.0.1 "$(controller_port "$n")"; then
-      die "a port of node $n is still open; keeping $OUTBOX_CLUSTER_DIR"
-    fi
+    for tries in $(seq 50); do
+      tcp_open 127.0.0.1 "$(broker_port "$n")" || tcp_open 127.0.0.1 "$(controller_port "$n")" || break
+      ((tries < 50)) || die "a port of node $n is still open; keeping $OUTBOX_CLUSTER_DIR"
+      sleep 0.2
+    done
   done
   # Only the nodes' own files: the lock file we hold stays.
   rm -rf "$OUTBOX_CLUSTER_DIR"/node* "$CLUSTER_ID_FILE"
