@@ -4,6 +4,7 @@
 #   scripts/kafka.sh console-consumer ARGS...   (--bootstrap-server is filled in)
 #   scripts/kafka.sh console-producer ARGS...
 #   scripts/kafka.sh topics ARGS...             (TopicCommand: --create/--list/--describe/--delete)
+#   scripts/kafka.sh libs                       (fetches the jars if needed; prints their directory)
 # Jars come from Maven Central via scripts/kafka/pom.xml and are cached in
 # ${OUTBOX_CACHE_DIR:-~/.cache/outbox-relay}/kafka-<version>; data lives in
 # ${OUTBOX_STATE_DIR:-/var/tmp/outbox-relay}/kafka and survives down/up.
@@ -58,7 +59,7 @@ TOOL_JVM_OPTS=(
 )
 
 usage() {
-  sed -n '2,6p' "$0" | sed 's/^# \{0,1\}//' >&2
+  sed -n '2,7p' "$0" | sed 's/^# \{0,1\}//' >&2
   exit 2
 }
 
@@ -327,6 +328,7 @@ case "$cmd" in
   down) cmd_down ;;
   status) cmd_status ;;
   bootstrap) echo "$BOOTSTRAP" ;;
+  libs) ensure_jars && echo "$LIBS" ;;
   console-consumer)
     ensure_jars
     run_tool org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server "$BOOTSTRAP" "$@"

@@ -29,7 +29,12 @@ faults_down() {
     rm -rf /var/tmp/outbox-relay-faults
   fi
 }
-trap 'bash scripts/sweep.sh || true; faults_down' EXIT
+# tests/cluster.rs starts a three-broker cluster (scripts/cluster.sh); it goes too.
+cluster_down() {
+  bash scripts/cluster.sh destroy >/dev/null 2>&1 ||
+    log "the test cluster did not stop; see 'bash scripts/cluster.sh status'"
+}
+trap 'bash scripts/sweep.sh || true; faults_down; cluster_down' EXIT
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

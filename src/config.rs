@@ -209,7 +209,12 @@ pub struct Source {
 #[serde(deny_unknown_fields)]
 pub struct TopicSettings {
     pub partitions: i32,
-    pub replication_factor: i32,
+    /// Replicas of new topics. Unset: `min(3, brokers in the cluster)`
+    /// (see [`crate::topics::replication_plan`]).
+    pub replication_factor: Option<i32>,
+    /// `min.insync.replicas` set on the topics. Unset: 2 when a topic has 3
+    /// or more replicas, else the broker's default.
+    pub min_insync_replicas: Option<i32>,
     pub default_retention_days: u32,
 }
 
@@ -275,7 +280,8 @@ impl Default for Settings {
             sources: Vec::new(),
             topics: TopicSettings {
                 partitions: 6,
-                replication_factor: 1,
+                replication_factor: None,
+                min_insync_replicas: None,
                 default_retention_days: 7,
             },
             http: HttpSettings {
@@ -551,11 +557,30 @@ impl Settings {
                 "must be at least 1",
             ));
         }
-        if self.topics.replication_factor < 1 {
+        if self.topics.replication_factor.is_some_and(|r| r < 1) {
             return Err(ConfigError::invalid(
                 "topics.replication_factor",
-                "must be at least 1",
+                "must be at least 1 (unset: min(3, brokers in the cluster))",
             ));
+        }
+        if let Some(min_isr) = self.topics.min_insync_replicas {
+            if min_isr < 1 {
+                return Err(ConfigError::invalid(
+                    "topics.min_insync_replicas",
+                    "must be at least 1 (unset: 2 with 3 or more replicas)",
+                ));
+            }
+            if let Some(replicas) = self.topics.replication_factor {
+                if min_isr > replicas {
+                    return Err(ConfigError::invalid(
+                        "topics.min_insync_replicas",
+                        format!(
+                            "{min_isr} is more than topics.replication_factor = {replicas}: \
+                             no write with acks=all could ever succeed"
+                        ),
+                    ));
+                }
+            }
         }
         if self.topics.default_retention_days == 0 {
             return Err(ConfigError::invalid(
@@ -740,6 +765,33 @@ mod tests {
             )?;
             let err = load_in_jail().unwrap_err().to_string();
             assert!(err.contains("kafka.security_protocol"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn min_insync_replicas_may_not_exceed_the_replication_factor() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "relay.toml",
+                "[topics]\nreplication_factor = 2\nmin_insync_replicas = 3\n",
+            )?;
+            let err = load_in_jail().unwrap_err().to_string();
+            assert!(err.contains("`topics.min_insync_replicas`"), "{err}");
+            assert!(err.contains("topics.replication_factor = 2"), "{err}");
+            jail.create_file("relay.toml", "[topics]\nmin_insync_replicas = 0\n")?;
+            let err = load_in_jail().unwrap_err().to_string();
+            assert!(err.contains("`topics.min_insync_replicas`"), "{err}");
+            // Both unset by default; explicit values are kept.
+            jail.create_file("relay.toml", "")?;
+            let s = load_in_jail().map_err(|e| e.to_string())?;
+            assert_eq!(
+                (s.topics.replication_factor, s.topics.min_insync_replicas),
+                (None, None)
+            );
+            jail.set_env("OUTBOX_RELAY_TOPICS__REPLICATION_FACTOR", "1");
+            let s = load_in_jail().map_err(|e| e.to_string())?;
+            assert_eq!(s.topics.replication_factor, Some(1));
             Ok(())
         });
     }

@@ -314,10 +314,14 @@ async fn main() -> Result<()> {
                             format!("DRIFT (run with --apply to change): {}", changes.join("; "))
                         }
                     };
+                    let min_isr = r.min_insync_replicas.map_or("?".into(), |n| n.to_string());
                     println!(
-                        "{:<40} partitions={:<3} retention={days}d  {what}",
-                        r.topic, r.partitions
+                        "{:<40} partitions={:<3} replicas={} min.insync={min_isr} retention={days}d  {what}",
+                        r.topic, r.partitions, r.replication_factor
                     );
+                    for warning in &r.warnings {
+                        println!("  WARNING: {warning}");
+                    }
                 }
             }
         }

@@ -4,6 +4,12 @@
 //! replication and the catalog's retention (7 days by default, 30 for
 //! `platform.audit.events`). Existing topics are compared; drift is reported
 //! and changed only when asked (`--apply`).
+//!
+//! Replication defaults to what the cluster can carry: `min(3, brokers)`
+//! replicas and, with 3 or more, `min.insync.replicas = 2`, so that a write
+//! acknowledged with `acks=all` is on at least two brokers. A topic left with
+//! one replica, or with `min.insync.replicas = 1` on a multi-broker cluster,
+//! is warned about in the log and in the report.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -18,7 +24,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use serde::Serialize;
 
 use crate::catalog::Catalog;
-use crate::config::Settings;
+use crate::config::{Settings, TopicSettings};
 use crate::publish::client_config;
 
 pub const DAY_MS: i64 = 24 * 60 * 60 * 1000;
@@ -35,15 +41,98 @@ pub enum TopicAction {
     },
 }
 
-/// One catalog topic after `ensure`: its partition count and retention as
-/// they now are on the cluster, and what was done.
+/// One catalog topic after `ensure`: its partition count, replication and
+/// retention as they now are on the cluster, and what was done.
 #[derive(Debug, Clone, Serialize)]
 pub struct TopicReport {
     pub topic: String,
     pub partitions: i32,
     pub retention_ms: i64,
+    /// Replicas of the topic's least replicated partition.
+    pub replication_factor: i32,
+    /// The topic's effective `min.insync.replicas` (its own or the broker's).
+    pub min_insync_replicas: Option<i32>,
     #[serde(flatten)]
     pub action: TopicAction,
+    /// Durability warnings (also logged at WARN).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
+}
+
+/// Replication of the catalog's new topics, decided from the settings and
+/// the number of brokers in the cluster's metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicationPlan {
+    pub replication_factor: i32,
+    /// `min.insync.replicas` to set on new topics; `None` leaves the
+    /// broker's default.
+    pub min_insync_replicas: Option<i32>,
+}
+
+/// The replication of new topics: `topics.replication_factor`, or unset
+/// `min(3, brokers)`; `topics.min_insync_replicas`, or unset 2 when there
+/// are 3 or more replicas (a write acknowledged with `acks=all` is then on
+/// two brokers, and one broker may be down without refusing writes).
+///
+/// The broker count is of the brokers the metadata lists, which are the live
+/// ones: a cluster with a broker down at this moment gets fewer replicas on
+/// its *new* topics. Set `topics.replication_factor` where that matters.
+pub fn replication_plan(
+    topics: &TopicSettings,
+    brokers: usize,
+) -> Result<ReplicationPlan, TopicsError> {
+    if brokers == 0 {
+        return Err(TopicsError::Config {
+            key: "kafka.brokers",
+            message: "the cluster's metadata lists no brokers".into(),
+        });
+    }
+    let replication_factor = topics
+        .replication_factor
+        .unwrap_or_else(|| brokers.min(3) as i32);
+    let min_insync_replicas = min_insync_for(topics, replication_factor);
+    if let Some(min_isr) = min_insync_replicas {
+        if min_isr > replication_factor {
+            return Err(TopicsError::Config {
+                key: "topics.min_insync_replicas",
+                message: format!(
+                    "{min_isr} is more than the {replication_factor} replica(s) of new topics \
+                     (topics.replication_factor unset: min(3, {brokers} broker(s))); \
+                     no write with acks=all could succeed"
+                ),
+            });
+        }
+    }
+    Ok(ReplicationPlan {
+        replication_factor,
+        min_insync_replicas,
+    })
+}
+
+/// The `min.insync.replicas` a topic with `replicas` replicas should have:
+/// the setting, or unset 2 from 3 replicas up (`None`: the broker default).
+pub fn min_insync_for(topics: &TopicSettings, replicas: i32) -> Option<i32> {
+    topics.min_insync_replicas.or((replicas >= 3).then_some(2))
+}
+
+/// What is unsafe about a topic with `replicas` replicas and an effective
+/// `min.insync.replicas` of `min_isr` on a cluster of `brokers`.
+pub fn durability_warnings(replicas: i32, min_isr: Option<i32>, brokers: usize) -> Vec<String> {
+    let mut warnings = Vec::new();
+    if replicas <= 1 {
+        warnings.push(format!(
+            "1 replica: losing that broker's disk loses acknowledged events; \
+             fine for one-broker development only ({brokers} broker(s) in the cluster; \
+             topics.replication_factor sets it)"
+        ));
+    } else if brokers > 1 && min_isr.unwrap_or(1) <= 1 {
+        warnings.push(format!(
+            "min.insync.replicas 1 on a {brokers}-broker cluster: acks=all is satisfied by \
+             the leader alone once its followers fall behind, and that leader's loss loses \
+             acknowledged events (topics.min_insync_replicas sets it)"
+        ));
+    }
+    warnings
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +141,8 @@ pub enum TopicsError {
     Kafka(#[from] KafkaError),
     #[error("topic {topic}: {message}")]
     Topic { topic: String, message: String },
+    #[error("configuration key `{key}`: {message}")]
+    Config { key: &'static str, message: String },
 }
 
 fn topic_error(topic: &str, message: impl Into<String>) -> TopicsError {
@@ -84,19 +175,62 @@ pub fn desired(settings: &Settings, catalog: &Catalog) -> BTreeMap<String, (i32,
         .collect()
 }
 
-/// Partition counts of the topics that exist, by name.
-async fn existing_partitions(
+/// A topic as the cluster's metadata shows it.
+#[derive(Debug, Clone, Copy)]
+struct Existing {
+    partitions: i32,
+    /// Replicas of its least replicated partition.
+    replicas: i32,
+}
+
+/// The brokers in the cluster's metadata, and the topics that exist.
+struct ClusterView {
+    brokers: Vec<i32>,
+    topics: BTreeMap<String, Existing>,
+}
+
+async fn cluster_view(
     admin: &AdminClient<DefaultClientContext>,
-) -> Result<BTreeMap<String, i32>, KafkaError> {
+) -> Result<ClusterView, KafkaError> {
     let metadata = admin
         .inner()
         .fetch_metadata(None, Duration::from_secs(10))?;
-    Ok(metadata
-        .topics()
-        .iter()
-        .filter(|t| t.error().is_none())
-        .map(|t| (t.name().to_string(), t.partitions().len() as i32))
-        .collect())
+    Ok(ClusterView {
+        brokers: metadata.brokers().iter().map(|b| b.id()).collect(),
+        topics: metadata
+            .topics()
+            .iter()
+            .filter(|t| t.error().is_none())
+            .map(|t| {
+                let existing = Existing {
+                    partitions: t.partitions().len() as i32,
+                    replicas: t
+                        .partitions()
+                        .iter()
+                        .map(|p| p.replicas().len() as i32)
+                        .min()
+                        .unwrap_or(0),
+                };
+                (t.name().to_string(), existing)
+            })
+            .collect(),
+    })
+}
+
+/// The broker's default `min.insync.replicas` (what a topic without its own
+/// gets). `None` if the broker does not say.
+async fn broker_min_insync(
+    admin: &AdminClient<DefaultClientContext>,
+    broker: i32,
+) -> Result<Option<i32>, KafkaError> {
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Broker(broker)], &admin_options())
+        .await?;
+    Ok(results
+        .into_iter()
+        .next()
+        .and_then(|r| r.ok())
+        .and_then(|r| min_insync_of(&r)))
 }
 
 /// The configuration of each named topic, in one request.
@@ -128,19 +262,31 @@ fn retention_of(resource: &ConfigResource) -> Option<i64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Sets `retention.ms`, keeping every other topic-level override. The admin
-/// API librdkafka offers here (AlterConfigs) replaces a topic's whole
-/// configuration: an override left out of the request is reset to the
+fn min_insync_of(resource: &ConfigResource) -> Option<i32> {
+    resource
+        .get("min.insync.replicas")
+        .and_then(|e| e.value.as_deref())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Sets `changes` (name, value), keeping every other topic-level override.
+/// The admin API librdkafka offers here (AlterConfigs) replaces a topic's
+/// whole configuration: an override left out of the request is reset to the
 /// broker default, so each one is sent back as it is.
-async fn set_retention(
+async fn set_configs(
     admin: &AdminClient<DefaultClientContext>,
     topic: &str,
     current: &ConfigResource,
-    retention_ms: i64,
+    changes: &[(&str, String)],
 ) -> Result<(), TopicsError> {
+    let what = changes
+        .iter()
+        .map(|(k, _)| *k)
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut entries: BTreeMap<&str, String> = BTreeMap::new();
     for e in &current.entries {
-        if e.source != ConfigSource::DynamicTopic || e.name == "retention.ms" {
+        if e.source != ConfigSource::DynamicTopic || changes.iter().any(|(k, _)| *k == e.name) {
             continue;
         }
         match &e.value {
@@ -148,21 +294,22 @@ async fn set_retention(
                 entries.insert(e.name.as_str(), v.clone());
             }
             // A sensitive override is not readable, so it could not be sent
-            // back: changing retention would silently drop it.
+            // back: changing the others would silently drop it.
             None => {
                 return Err(topic_error(
                     topic,
                     format!(
-                        "override `{}` is not readable (sensitive); change retention.ms by hand",
+                        "override `{}` is not readable (sensitive); change {what} by hand",
                         e.name
                     ),
                 ))
             }
         }
     }
-    let retention = retention_ms.to_string();
-    let mut alter =
-        AlterConfig::new(ResourceSpecifier::Topic(topic)).set("retention.ms", &retention);
+    let mut alter = AlterConfig::new(ResourceSpecifier::Topic(topic));
+    for (k, v) in changes {
+        alter = alter.set(k, v);
+    }
     for (k, v) in &entries {
         alter = alter.set(k, v);
     }
@@ -170,7 +317,7 @@ async fn set_retention(
         if let Err((_, code)) = r {
             return Err(topic_error(
                 topic,
-                format!("changing retention.ms failed: {code}"),
+                format!("changing {what} failed: {code}"),
             ));
         }
     }
@@ -184,27 +331,45 @@ pub async fn ensure(
 ) -> Result<Vec<TopicReport>, TopicsError> {
     let admin = admin_client(settings)?;
     let wanted = desired(settings, catalog);
-    let mut existing = existing_partitions(&admin).await?;
+    let mut view = cluster_view(&admin).await?;
+    let brokers = view.brokers.len();
+    let plan = replication_plan(&settings.topics, brokers)?;
+    tracing::info!(
+        brokers,
+        replication_factor = plan.replication_factor,
+        min_insync_replicas = plan.min_insync_replicas,
+        "replication of new topics"
+    );
     let mut reports = Vec::new();
 
     let missing: Vec<(&String, &(i32, i64))> = wanted
         .iter()
-        .filter(|(t, _)| !existing.contains_key(*t))
+        .filter(|(t, _)| !view.topics.contains_key(*t))
         .collect();
     if !missing.is_empty() {
         let retention: Vec<String> = missing.iter().map(|(_, (_, r))| r.to_string()).collect();
+        let min_isr = plan.min_insync_replicas.map(|n| n.to_string());
         let new_topics: Vec<NewTopic> = missing
             .iter()
             .zip(&retention)
             .map(|((name, (partitions, _)), retention)| {
-                NewTopic::new(
+                let topic = NewTopic::new(
                     name,
                     *partitions,
-                    TopicReplication::Fixed(settings.topics.replication_factor),
+                    TopicReplication::Fixed(plan.replication_factor),
                 )
-                .set("retention.ms", retention)
+                .set("retention.ms", retention);
+                match &min_isr {
+                    Some(n) => topic.set("min.insync.replicas", n),
+                    None => topic,
+                }
             })
             .collect();
+        // What a new topic without its own min.insync.replicas gets.
+        let effective_min_isr = match plan.min_insync_replicas {
+            Some(n) => Some(n),
+            None => broker_min_insync(&admin, view.brokers[0]).await?,
+        };
         let mut raced = false;
         for result in admin.create_topics(&new_topics, &admin_options()).await? {
             match result {
@@ -214,35 +379,60 @@ pub async fn ensure(
                         topic,
                         partitions,
                         retention_ms,
+                        replication_factor: plan.replication_factor,
+                        min_insync_replicas: effective_min_isr,
                         action: TopicAction::Created,
+                        warnings: durability_warnings(
+                            plan.replication_factor,
+                            effective_min_isr,
+                            brokers,
+                        ),
                     });
                 }
                 // Created meanwhile (another `ensure`, a deploy job): it is
                 // compared below like any existing topic.
                 Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => raced = true,
+                Err((topic, RDKafkaErrorCode::InvalidReplicationFactor)) => {
+                    return Err(topic_error(
+                        &topic,
+                        format!(
+                            "create failed: {} replicas asked for, {brokers} broker(s) live; \
+                             check topics.replication_factor",
+                            plan.replication_factor
+                        ),
+                    ))
+                }
                 Err((topic, code)) => {
                     return Err(topic_error(&topic, format!("create failed: {code}")))
                 }
             }
         }
         if raced {
-            existing = existing_partitions(&admin).await?;
+            view = cluster_view(&admin).await?;
         }
     }
 
     let created: Vec<String> = reports.iter().map(|r| r.topic.clone()).collect();
     let to_check: Vec<&str> = wanted
         .keys()
-        .filter(|t| existing.contains_key(*t) && !created.contains(t))
+        .filter(|t| view.topics.contains_key(*t) && !created.contains(t))
         .map(String::as_str)
         .collect();
     let configs = describe(&admin, &to_check).await?;
     for topic in to_check {
         let (partitions, retention_ms) = wanted[topic];
-        let actual_partitions = existing[topic];
+        let Existing {
+            partitions: actual_partitions,
+            replicas,
+        } = view.topics[topic];
         let config = &configs[topic];
         let actual_retention = retention_of(config);
         let retention_drift = actual_retention != Some(retention_ms);
+        let actual_min_isr = min_insync_of(config);
+        // Follows the topic's own replicas, not the plan's: an existing
+        // three-replica topic wants 2 even while a broker is down.
+        let wanted_min_isr = min_insync_for(&settings.topics, replicas);
+        let mut set_min_isr = None;
         let mut changes = Vec::new();
         if retention_drift {
             changes.push(format!(
@@ -257,21 +447,58 @@ pub async fn ensure(
                 "partitions {actual_partitions} > configured {partitions} (Kafka cannot shrink a topic; left as is)"
             ));
         }
+        if replicas < plan.replication_factor {
+            changes.push(format!(
+                "replication factor {replicas} -> {} (never changed by ensure: adding replicas \
+                 is a partition reassignment, kafka-reassign-partitions.sh)",
+                plan.replication_factor
+            ));
+        } else if replicas > plan.replication_factor && settings.topics.replication_factor.is_some()
+        {
+            changes.push(format!(
+                "replication factor {replicas} > configured {} (left as is)",
+                plan.replication_factor
+            ));
+        }
+        if let Some(n) = wanted_min_isr.filter(|n| Some(*n) != actual_min_isr) {
+            let from = actual_min_isr.map_or("unset".into(), |v| v.to_string());
+            if n > replicas {
+                changes.push(format!(
+                    "min.insync.replicas {from} -> {n} (not applied: more than the topic's \
+                     {replicas} replica(s) would refuse every write)"
+                ));
+            } else {
+                changes.push(format!("min.insync.replicas {from} -> {n}"));
+                set_min_isr = Some(n);
+            }
+        }
+        let mut now_min_isr = actual_min_isr;
         if changes.is_empty() {
             reports.push(TopicReport {
                 topic: topic.to_string(),
                 partitions: actual_partitions,
                 retention_ms,
+                replication_factor: replicas,
+                min_insync_replicas: now_min_isr,
                 action: TopicAction::UpToDate,
+                warnings: durability_warnings(replicas, now_min_isr, brokers),
             });
             continue;
         }
         let mut now_partitions = actual_partitions;
         let mut now_retention = actual_retention.unwrap_or(-1);
         if apply {
+            let mut alter: Vec<(&str, String)> = Vec::new();
             if retention_drift {
-                set_retention(&admin, topic, config, retention_ms).await?;
+                alter.push(("retention.ms", retention_ms.to_string()));
+            }
+            if let Some(n) = set_min_isr {
+                alter.push(("min.insync.replicas", n.to_string()));
+            }
+            if !alter.is_empty() {
+                set_configs(&admin, topic, config, &alter).await?;
                 now_retention = retention_ms;
+                now_min_isr = set_min_isr.or(now_min_isr);
             }
             if actual_partitions < partitions {
                 let more = NewPartitions::new(topic, partitions as usize);
@@ -292,13 +519,21 @@ pub async fn ensure(
             topic: topic.to_string(),
             partitions: now_partitions,
             retention_ms: now_retention,
+            replication_factor: replicas,
+            min_insync_replicas: now_min_isr,
             action: TopicAction::Drift {
                 changes,
                 applied: apply,
             },
+            warnings: durability_warnings(replicas, now_min_isr, brokers),
         });
     }
     reports.sort_by(|a, b| a.topic.cmp(&b.topic));
+    for r in &reports {
+        for warning in &r.warnings {
+            tracing::warn!(topic = %r.topic, "{warning}");
+        }
+    }
     Ok(reports)
 }
 
@@ -307,4 +542,105 @@ pub async fn retention_ms(settings: &Settings, topic: &str) -> Result<Option<i64
     let admin = admin_client(settings)?;
     let configs = describe(&admin, &[topic]).await?;
     Ok(configs.get(topic).and_then(retention_of))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topics(replication_factor: Option<i32>, min_insync_replicas: Option<i32>) -> TopicSettings {
+        TopicSettings {
+            partitions: 6,
+            replication_factor,
+            min_insync_replicas,
+            default_retention_days: 7,
+        }
+    }
+
+    fn plan(rf: i32, min_isr: Option<i32>) -> ReplicationPlan {
+        ReplicationPlan {
+            replication_factor: rf,
+            min_insync_replicas: min_isr,
+        }
+    }
+
+    #[test]
+    fn unset_replication_follows_the_broker_count() {
+        let unset = topics(None, None);
+        assert_eq!(replication_plan(&unset, 1).unwrap(), plan(1, None));
+        assert_eq!(replication_plan(&unset, 2).unwrap(), plan(2, None));
+        assert_eq!(replication_plan(&unset, 3).unwrap(), plan(3, Some(2)));
+        assert_eq!(replication_plan(&unset, 7).unwrap(), plan(3, Some(2)));
+    }
+
+    #[test]
+    fn explicit_settings_win() {
+        assert_eq!(
+            replication_plan(&topics(Some(1), None), 3).unwrap(),
+            plan(1, None)
+        );
+        assert_eq!(
+            replication_plan(&topics(Some(5), None), 5).unwrap(),
+            plan(5, Some(2))
+        );
+        assert_eq!(
+            replication_plan(&topics(Some(5), Some(3)), 5).unwrap(),
+            plan(5, Some(3))
+        );
+        assert_eq!(
+            replication_plan(&topics(None, Some(1)), 3).unwrap(),
+            plan(3, Some(1))
+        );
+        // More replicas than brokers is Kafka's to refuse at creation.
+        assert_eq!(
+            replication_plan(&topics(Some(3), None), 1).unwrap(),
+            plan(3, Some(2))
+        );
+    }
+
+    #[test]
+    fn min_insync_above_the_resolved_replicas_names_the_setting() {
+        let err = replication_plan(&topics(None, Some(2)), 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(
+                "configuration key `topics.min_insync_replicas`: 2 is more than the 1 replica(s)"
+            ),
+            "{err}"
+        );
+        let err = replication_plan(&topics(None, None), 0)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no brokers"), "{err}");
+    }
+
+    #[test]
+    fn one_replica_or_one_insync_replica_is_warned_about() {
+        // One broker: one replica, one warning (the development setup).
+        let w = durability_warnings(1, Some(1), 1);
+        assert_eq!(w.len(), 1);
+        assert!(w[0].starts_with("1 replica:"), "{w:?}");
+        // One replica on a cluster that could carry three.
+        assert!(durability_warnings(1, None, 3)[0].starts_with("1 replica:"));
+        // Replicated, but acks=all may be satisfied by the leader alone.
+        let w = durability_warnings(3, Some(1), 3);
+        assert!(
+            w[0].starts_with("min.insync.replicas 1 on a 3-broker"),
+            "{w:?}"
+        );
+        assert!(durability_warnings(2, None, 2)[0].starts_with("min.insync.replicas 1"));
+        // The defaults on three brokers: nothing to say.
+        assert!(durability_warnings(3, Some(2), 3).is_empty());
+        assert!(durability_warnings(2, Some(2), 2).is_empty());
+    }
+
+    #[test]
+    fn an_existing_topic_wants_min_insync_by_its_own_replicas() {
+        let unset = topics(None, None);
+        assert_eq!(min_insync_for(&unset, 3), Some(2));
+        assert_eq!(min_insync_for(&unset, 2), None);
+        assert_eq!(min_insync_for(&unset, 1), None);
+        assert_eq!(min_insync_for(&topics(None, Some(3)), 1), Some(3));
+    }
 }
