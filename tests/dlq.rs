@@ -956,19 +956,6 @@ async fn the_audit_trail_is_append_only_and_repair_is_the_admins_alone() {
     assert_eq!(sql::dlq_revisions(env.admin(), &id).await.unwrap().len(), 1);
 }
 
-/// Sum of a counter's series with this source and label value, as the
-/// relay's `/metrics` renders it.
-fn counter(name: &str, source: &str, label: &str, value: &str) -> f64 {
-    let rendered = outbox_relay::metrics_handle().unwrap().render();
-    rendered
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| l.contains(&format!("source=\"{source}\"")))
-        .filter(|l| l.contains(&format!("{label}=\"{value}\"")))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 /// A broker that denies the relay a topic (librdkafka's mock cluster, the
 /// only broker here with per-topic errors): the events wait in the outbox,
 /// in order, however often they fail, and go out once the ACL is granted.

@@ -231,18 +231,6 @@ fn noise(len: usize) -> String {
         .collect()
 }
 
-/// The value of a counter for this test's source, summed over the other labels.
-fn counter(name: &str, source: &str, label: &str, value: &str) -> f64 {
-    let rendered = outbox_relay::metrics_handle().unwrap().render();
-    rendered
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| l.contains(&format!("source=\"{source}\"")))
-        .filter(|l| l.contains(&format!("{label}=\"{value}\"")))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
-}
-
 fn batch(claimed: usize, published: usize, dead_lettered: usize, retried: usize) -> Outcome {
     Outcome::Batch(BatchReport {
         claimed,
@@ -1357,13 +1345,7 @@ async fn replay_by_filter_moves_exactly_the_matching_events_in_their_original_or
         .into_iter()
         .map(|r| r.event_id)
         .collect();
-    let replay_order = vec![
-        d1.clone(),
-        k1.clone(),
-        c1.clone(),
-        c2.clone(),
-        c3.clone(),
-    ];
+    let replay_order = vec![d1.clone(), k1.clone(), c1.clone(), c2.clone(), c3.clone()];
     assert_eq!(
         back, replay_order,
         "one call after another, each in original order"

@@ -19,33 +19,13 @@ use outbox_relay::config::{Secret, Settings};
 use outbox_relay::topics;
 use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
 use serde_json::{json, Value};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
 // ---------------------------------------------------------------- helpers
-
-/// One HTTP/1.1 GET; returns the status code and the body.
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut raw = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut raw))
-        .await
-        .ok()?
-        .ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
-}
 
 async fn scrape(port: u16) -> String {
     let (code, body) = get(port, "/metrics").await.expect("GET /metrics");

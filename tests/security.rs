@@ -1042,15 +1042,7 @@ async fn the_privilege_matrix_is_exactly_what_each_group_holds() {
     use outbox_relay::privileges::{self, GROUPS};
     let env = TestEnv::new().await;
     let q = env.fixtures();
-    let columns: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT c.relname::text, c.relkind::text, a.attname::text FROM pg_class c \
-           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-          WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v', 'p') \
-          ORDER BY 1, a.attnum",
-    )
-    .fetch_all(q)
-    .await
-    .unwrap();
+    let columns = schema_columns(q).await;
     let functions: Vec<String> = sqlx::query_scalar(
         "SELECT oid::regprocedure::text FROM pg_proc WHERE pronamespace = 'public'::regnamespace ORDER BY 1",
     )
@@ -1164,15 +1156,7 @@ async fn every_operation_of_the_matrix_is_allowed_or_refused_as_declared() {
     use outbox_relay::privileges::{self, GROUPS};
     let env = TestEnv::new().await;
     let q = env.fixtures();
-    let columns: Vec<(String, String, String)> = sqlx::query_as(
-        "SELECT c.relname::text, c.relkind::text, a.attname::text FROM pg_class c \
-           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
-          WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v', 'p') \
-          ORDER BY 1, a.attnum",
-    )
-    .fetch_all(q)
-    .await
-    .unwrap();
+    let columns = schema_columns(q).await;
     // Each function called with typed NULLs (inside a rolled-back transaction).
     let functions: Vec<(String, String)> = sqlx::query_as(
         "SELECT p.oid::regprocedure::text, \
@@ -1258,6 +1242,19 @@ async fn every_operation_of_the_matrix_is_allowed_or_refused_as_declared() {
         wrong.len(),
         wrong.join("\n")
     );
+}
+
+/// (table or view, relkind, column) of every column of the schema, in order.
+async fn schema_columns(q: &sqlx::PgPool) -> Vec<(String, String, String)> {
+    sqlx::query_as(
+        "SELECT c.relname::text, c.relkind::text, a.attname::text FROM pg_class c \
+           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped \
+          WHERE c.relnamespace = 'public'::regnamespace AND c.relkind IN ('r', 'v', 'p') \
+          ORDER BY 1, a.attnum",
+    )
+    .fetch_all(q)
+    .await
+    .unwrap()
 }
 
 /// docs/security.md shows the matrix as the code declares it.

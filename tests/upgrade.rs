@@ -28,7 +28,7 @@ use outbox_relay::sql::{self, DlqFilter};
 use serde_json::{json, Value};
 use sqlx::migrate::Migrator;
 use sqlx::PgPool;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
 use tokio_util::sync::CancellationToken;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
@@ -305,26 +305,6 @@ fn dry_run(env: &TestEnv) -> (i32, String) {
         out.status.code().expect("migrate --dry-run was killed"),
         output(&out),
     )
-}
-
-/// One HTTP/1.1 GET; returns the status code and the body.
-async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut raw = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut raw))
-        .await
-        .ok()?
-        .ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
 }
 
 fn latest(m: &Migrator) -> i64 {

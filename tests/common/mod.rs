@@ -689,3 +689,37 @@ pub async fn scrape(port: u16) -> String {
     s.read_to_string(&mut body).await.unwrap();
     body
 }
+
+/// One HTTP/1.1 GET on a local port; the status code and the body.
+pub async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .ok()?;
+    let mut raw = String::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut raw))
+        .await
+        .ok()?
+        .ok()?;
+    let (head, body) = raw.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// Sum of a counter's series with this source and label value, as this
+/// process's Prometheus recorder renders it (relays run in the test).
+pub fn counter(name: &str, source: &str, label: &str, value: &str) -> f64 {
+    let rendered = outbox_relay::metrics_handle().unwrap().render();
+    rendered
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .filter(|l| l.contains(&format!("source=\"{source}\"")))
+        .filter(|l| l.contains(&format!("{label}=\"{value}\"")))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
+        .sum()
+}
