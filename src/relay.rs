@@ -421,11 +421,22 @@ impl Relay {
         // may have waited (its produce turn, a full queue, a paused process)
         // since the claim, and a partition taken over meanwhile must get
         // nothing more from this relay. What is not sent stays unsettled.
-        let leases = self.leases.as_ref();
-        let may_send = |m: &Prepared| match leases {
+        // Each partition's deadline is read once per batch; per message only
+        // the clock is read.
+        let deadlines: Option<HashMap<i16, Option<Instant>>> = self.leases.as_ref().map(|l| {
+            let mut d = HashMap::new();
+            for m in &ready {
+                d.entry(m.vpartition)
+                    .or_insert_with(|| l.still_valid(m.vpartition, epochs[&m.vpartition]));
+            }
+            d
+        });
+        let may_send = |m: &Prepared| match &deadlines {
             None => true,
-            Some(l) => l
-                .still_valid(m.vpartition, epochs[&m.vpartition])
+            Some(d) => d
+                .get(&m.vpartition)
+                .copied()
+                .flatten()
                 .is_some_and(|until| until > Instant::now()),
         };
         let produced = publish::produce(&producer, &mut ready, may_send).await;

@@ -151,7 +151,23 @@ async fn a_claim_that_waited_on_a_lock_does_not_take_a_row_rescheduled_meanwhile
         tx.rollback().await.unwrap();
         rows
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Once the claim waits on the lock (it gives up after 500 ms, failing
+    // this test loudly rather than passing it without a wait).
+    let mut waited = false;
+    for _ in 0..400 {
+        waited = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                             WHERE datname = current_database() AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(env.fixtures())
+        .await
+        .unwrap();
+        if waited {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(waited, "the claim never waited on the locked row");
     sqlx::query("UPDATE outbox SET available_at = now() + interval '1 hour', attempts = 1")
         .execute(&mut *owner)
         .await
