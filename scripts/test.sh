@@ -40,7 +40,13 @@ if [[ -f deploy/prometheus/alerts.yml ]]; then
   promtool check rules deploy/prometheus/alerts.yml
 fi
 log "cargo test"
+# Every event a test reads back from Kafka is recorded here and checked
+# against its JSON Schema after the suite (tests/common/mod.rs).
+export OUTBOX_TEST_EVENT_LOG="${OUTBOX_STATE_DIR:-/var/tmp/outbox-relay}/published-events"
+rm -rf "$OUTBOX_TEST_EVENT_LOG"
 cargo test --workspace -- --test-threads="${OUTBOX_TEST_THREADS:-4}"
+log "every published event against its JSON Schema (config/schemas)"
+python3 scripts/validate-events.py --min 100 config/schemas "$OUTBOX_TEST_EVENT_LOG"
 if [[ -f bench/src/main.rs ]] && grep -q smoke bench/src/main.rs; then
   log "benchmark smoke run"
   cargo run --release -q -p outbox-bench -- smoke

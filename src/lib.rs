@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod privileges;
 pub mod publish;
 pub mod relay;
+pub mod schema;
 pub mod sql;
 pub mod status;
 pub mod topics;
