@@ -29,7 +29,14 @@ faults_down() {
     rm -rf /var/tmp/outbox-relay-faults
   fi
 }
-trap 'bash scripts/sweep.sh || true; faults_down' EXIT
+# tests/observability.rs stops a broker of its own (scripts/kafka.sh with the
+# state directory and ports below, as in the test).
+obs_down() {
+  OUTBOX_STATE_DIR=/var/tmp/outbox-relay-obs OUTBOX_KAFKA_PORT=19142 \
+    OUTBOX_KAFKA_CONTROLLER_PORT=19143 bash scripts/kafka.sh down >/dev/null 2>&1 || true
+  tcp_open 127.0.0.1 19142 || rm -rf /var/tmp/outbox-relay-obs
+}
+trap 'bash scripts/sweep.sh || true; faults_down; obs_down' EXIT
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

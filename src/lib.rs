@@ -579,6 +579,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let mut tasks = tokio::task::JoinSet::new();
         for source in sources {
             let name = source.name.clone();
+            metrics::init_source(&name, &catalog);
             let task = run_source(
                 source,
                 producer.clone(),

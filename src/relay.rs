@@ -232,7 +232,7 @@ impl Relay {
         )
         .await?;
         let claimed_in = started.elapsed();
-        metrics::batch(rows.len(), claimed_in);
+        metrics::batch(self.source(), rows.len(), claimed_in);
         if rows.is_empty() {
             tx.rollback().await?;
             return Ok(None);
@@ -402,7 +402,7 @@ impl Relay {
                 }
             }
         }
-        metrics::publish_latencies(latencies);
+        metrics::publish_latencies(self.source(), latencies);
         if !retry_ids.is_empty() {
             tracing::warn!(
                 events = retry_ids.len(),
