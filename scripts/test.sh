@@ -36,7 +36,12 @@ obs_down() {
     OUTBOX_KAFKA_CONTROLLER_PORT=19143 bash scripts/kafka.sh down >/dev/null 2>&1 || true
   tcp_open 127.0.0.1 19142 || rm -rf /var/tmp/outbox-relay-obs
 }
-trap 'bash scripts/sweep.sh || true; faults_down; obs_down' EXIT
+# tests/tls.rs runs the TLS/SASL broker of scripts/tls-env.sh.
+tls_down() {
+  bash scripts/tls-env.sh down >/dev/null 2>&1 || true
+  tcp_open 127.0.0.1 19152 || rm -rf /var/tmp/outbox-relay-tls
+}
+trap 'bash scripts/sweep.sh || true; faults_down; obs_down; tls_down' EXIT
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -19,6 +19,7 @@ pub mod relay;
 pub mod schema;
 pub mod sql;
 pub mod status;
+pub mod tls;
 pub mod topics;
 pub mod writer;
 
@@ -59,6 +60,10 @@ pub enum RunError {
     Schema(String),
     #[error("metrics: {0}")]
     Metrics(String),
+    /// A Kafka TLS or SASL setting that no retry can fix; the message names
+    /// the setting and the fix.
+    #[error("kafka: {0}")]
+    KafkaSetup(String),
     /// The relay's database role lacks a grant it needs.
     #[error("postgres: {0}")]
     Privileges(String),
@@ -131,6 +136,7 @@ pub async fn connect_kafka(
     settings: &Settings,
     token: &CancellationToken,
 ) -> Result<RelayProducer, RunError> {
+    tls::check_files(&settings.kafka).map_err(RunError::KafkaSetup)?;
     let producer = publish::create_producer(&settings.kafka)?;
     let mut delays = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
@@ -147,6 +153,12 @@ pub async fn connect_kafka(
         .expect("metadata task panicked");
         match result {
             Ok(_) => return Ok(producer),
+            // A refused certificate or password does not heal by waiting.
+            Err(err) if explained(&producer, settings).is_some() => {
+                let why = explained(&producer, settings).unwrap_or_default();
+                tracing::error!(error = %err, "{why}");
+                return Err(RunError::KafkaSetup(why));
+            }
             Err(err) if settings.relay.fail_fast || token.is_cancelled() => return Err(err.into()),
             Err(err) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
@@ -159,6 +171,12 @@ pub async fn connect_kafka(
             }
         }
     }
+}
+
+fn explained(producer: &RelayProducer, settings: &Settings) -> Option<String> {
+    use rdkafka::producer::Producer;
+    let last = producer.client().context().last_error()?;
+    tls::explain(&settings.kafka, &last)
 }
 
 /// A name for this relay process, unique enough to tell relays apart in
