@@ -5,8 +5,9 @@
 #     tests (tests/observability.rs) run its server against a real relay.
 #   python3-jsonschema: the independent JSON Schema validator that checks every
 #     published event against `outbox-relay catalog schema` (scripts/validate-events.py).
-#   openssl, openjdk keytool (with Kafka's JRE): certificates for the TLS/SASL tests.
-#   podman, runc, debootstrap: the container image test (tests/image.rs, scripts/image.sh).
+#   openssl: certificates for the TLS/SASL tests (scripts/tls.sh).
+#   podman, runc, debootstrap, uidmap: the container image test (tests/image.rs,
+#     scripts/image.sh builds the base images locally).
 set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LOG_TAG=deps

@@ -59,6 +59,12 @@ rm -rf "$OUTBOX_TEST_EVENT_LOG"
 cargo test --workspace -- --test-threads="${OUTBOX_TEST_THREADS:-4}"
 log "every published event against its JSON Schema (config/schemas)"
 python3 scripts/validate-events.py --min 100 config/schemas "$OUTBOX_TEST_EVENT_LOG"
+# The container image: built from the Dockerfile with podman and run against
+# the services above (scripts/image.sh; minutes on a cold cache).
+log "container image (tests/image.rs)"
+t_image=$(now_ms)
+cargo test --test image -- --ignored --nocapture
+log "container image test took $(( ($(now_ms) - t_image) / 1000 ))s"
 if [[ -f bench/src/main.rs ]] && grep -q smoke bench/src/main.rs; then
   log "benchmark smoke run"
   cargo run --release -q -p outbox-bench -- smoke
