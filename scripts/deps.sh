@@ -1,7 +1,13 @@
 #!/usr/bin/env bash
 # System packages the build and the checks need, installed only when missing.
 #   libcurl4-openssl-dev: librdkafka 2.12's sources include curl headers even when built without it.
-#   prometheus: promtool validates deploy/prometheus rules.
+#   prometheus: promtool validates deploy/prometheus rules; the dashboard and alert
+#     tests (tests/observability.rs) run its server against a real relay.
+#   python3-jsonschema: the independent JSON Schema validator that checks every
+#     published event against `outbox-relay catalog schema` (scripts/validate-events.py).
+#   openssl: certificates for the TLS/SASL tests (scripts/tls.sh).
+#   podman, runc, debootstrap, uidmap: the container image test (tests/image.rs,
+#     scripts/image.sh builds the base images locally).
 set -euo pipefail
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 LOG_TAG=deps
@@ -9,7 +15,8 @@ LOG_TAG=deps
 source "$SCRIPT_DIR/lib.sh"
 
 need=()
-for pkg in libcurl4-openssl-dev libssl-dev cmake pkg-config prometheus; do
+for pkg in libcurl4-openssl-dev libssl-dev cmake pkg-config prometheus python3-jsonschema openssl \
+  podman runc debootstrap uidmap; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if ((${#need[@]})); then

@@ -16,7 +16,11 @@ LOG_TAG=kafka
 source "$SCRIPT_DIR/lib.sh"
 
 POM="$SCRIPT_DIR/kafka/pom.xml"
-PROPS_TEMPLATE="$SCRIPT_DIR/kafka/server.properties"
+# Another template (scripts/kafka/server-tls.properties for the TLS/SASL
+# broker of scripts/tls-env.sh) may add listeners; @SSL_PORT@,
+# @SASL_SSL_PORT@ and @TLS_DIR@ are filled in from OUTBOX_KAFKA_SSL_PORT,
+# OUTBOX_KAFKA_SASL_SSL_PORT and OUTBOX_TLS_DIR.
+PROPS_TEMPLATE="${OUTBOX_KAFKA_PROPS_TEMPLATE:-$SCRIPT_DIR/kafka/server.properties}"
 LOG4J_CONF="$SCRIPT_DIR/kafka/log4j2.properties"
 
 KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$POM" | head -n1)"
@@ -141,6 +145,9 @@ render_props() {
   sed -e "s|@BROKER_PORT@|$OUTBOX_KAFKA_PORT|g" \
       -e "s|@CONTROLLER_PORT@|$OUTBOX_KAFKA_CONTROLLER_PORT|g" \
       -e "s|@DATA_DIR@|$DATA_DIR|g" \
+      -e "s|@SSL_PORT@|${OUTBOX_KAFKA_SSL_PORT:-}|g" \
+      -e "s|@SASL_SSL_PORT@|${OUTBOX_KAFKA_SASL_SSL_PORT:-}|g" \
+      -e "s|@TLS_DIR@|${OUTBOX_TLS_DIR:-}|g" \
       "$PROPS_TEMPLATE" >"$tmp"
   mv "$tmp" "$PROPS"
 }
@@ -165,8 +172,12 @@ format_storage() {
   log "formatting $DATA_DIR (cluster id $cluster_id)"
   # A half-formatted directory (no meta.properties) makes format refuse to run again.
   find "$DATA_DIR" -mindepth 1 -delete
+  # OUTBOX_KAFKA_FORMAT_ARGS: more format options, e.g. SCRAM credentials
+  # (--add-scram SCRAM-SHA-512=[name=...,password=...]), written at format time.
+  local -a extra=()
+  read -r -a extra <<<"${OUTBOX_KAFKA_FORMAT_ARGS:-}"
   if ! run_tool kafka.tools.StorageTool format --standalone -t "$cluster_id" -c "$PROPS" \
-      >>"$format_log" 2>&1; then
+      "${extra[@]}" >>"$format_log" 2>&1; then
     show_log_tail "$format_log"
     die "kafka.tools.StorageTool format failed; see $format_log"
   fi

@@ -104,8 +104,25 @@ EOF
   mv "$tmp" "$PGDATA"
 }
 
+# TLS with the suite's certificates (scripts/tls.sh, in $OUTBOX_STATE_DIR/certs):
+# clients may use sslmode=verify-full with sslrootcert=$OUTBOX_STATE_DIR/certs/ca.crt;
+# plain connections still work.
+install_certs() {
+  local certs="$OUTBOX_STATE_DIR/certs"
+  bash "$SCRIPT_DIR/tls.sh" make "$certs"
+  local f
+  for f in server.crt server.key; do
+    if [[ "$(id -u)" == 0 ]]; then
+      install -m 600 -o postgres -g postgres "$certs/$f" "$PGDATA/$f"
+    else
+      install -m 600 "$certs/$f" "$PGDATA/$f"
+    fi
+  done
+}
+
 write_conf() {
   local conf
+  install_certs
   conf="$(mktemp)"
   cat >"$conf" <<EOF
 # Written by scripts/pg.sh on every start; edits here are lost.
@@ -121,6 +138,9 @@ max_wal_senders = 10
 log_line_prefix = '%m [%p] %q%u@%d '
 log_timezone = 'UTC'
 timezone = 'UTC'
+ssl = on
+ssl_cert_file = 'server.crt'
+ssl_key_file = 'server.key'
 EOF
   if [[ "$(id -u)" == 0 ]]; then
     install -m 644 -o postgres -g postgres "$conf" "$PGDATA/outbox-relay.conf"
@@ -137,6 +157,9 @@ cmd_up() {
 
   if our_server_running; then
     if pg_ready; then
+      # A server started before TLS was configured takes it on reload.
+      write_conf
+      as_postgres "$PG_BIN/pg_ctl" reload -D "$PGDATA" >/dev/null 2>&1 || true
       log "already running on 127.0.0.1:$OUTBOX_PG_PORT"
       return 0
     fi

@@ -34,7 +34,19 @@ cluster_down() {
   bash scripts/cluster.sh destroy >/dev/null 2>&1 ||
     log "the test cluster did not stop; see 'bash scripts/cluster.sh status'"
 }
-trap 'bash scripts/sweep.sh || true; faults_down; cluster_down' EXIT
+# tests/observability.rs stops a broker of its own (scripts/kafka.sh with the
+# state directory and ports below, as in the test).
+obs_down() {
+  OUTBOX_STATE_DIR=/var/tmp/outbox-relay-obs OUTBOX_KAFKA_PORT=19142 \
+    OUTBOX_KAFKA_CONTROLLER_PORT=19143 bash scripts/kafka.sh down >/dev/null 2>&1 || true
+  tcp_open 127.0.0.1 19142 || rm -rf /var/tmp/outbox-relay-obs
+}
+# tests/tls.rs runs the TLS/SASL broker of scripts/tls-env.sh.
+tls_down() {
+  bash scripts/tls-env.sh down >/dev/null 2>&1 || true
+  tcp_open 127.0.0.1 19152 || rm -rf /var/tmp/outbox-relay-tls
+}
+trap 'bash scripts/sweep.sh || true; faults_down; cluster_down; obs_down; tls_down' EXIT
 
 log "cargo fmt --check"
 cargo fmt --all -- --check
@@ -45,7 +57,19 @@ if [[ -f deploy/prometheus/alerts.yml ]]; then
   promtool check rules deploy/prometheus/alerts.yml
 fi
 log "cargo test"
+# Every event a test reads back from Kafka is recorded here and checked
+# against its JSON Schema after the suite (tests/common/mod.rs).
+export OUTBOX_TEST_EVENT_LOG="${OUTBOX_STATE_DIR:-/var/tmp/outbox-relay}/published-events"
+rm -rf "$OUTBOX_TEST_EVENT_LOG"
 cargo test --workspace -- --test-threads="${OUTBOX_TEST_THREADS:-4}"
+log "every published event against its JSON Schema (config/schemas)"
+python3 scripts/validate-events.py --min 100 config/schemas "$OUTBOX_TEST_EVENT_LOG"
+# The container image: built from the Dockerfile with podman and run against
+# the services above (scripts/image.sh; minutes on a cold cache).
+log "container image (tests/image.rs)"
+t_image=$(now_ms)
+cargo test --test image -- --ignored --nocapture
+log "container image test took $(( ($(now_ms) - t_image) / 1000 ))s"
 if [[ -f bench/src/main.rs ]] && grep -q smoke bench/src/main.rs; then
   log "benchmark smoke run"
   cargo run --release -q -p outbox-bench -- smoke

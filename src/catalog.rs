@@ -154,6 +154,9 @@ pub struct EventDef {
     /// Catalog topic name, before any configured prefix.
     pub topic: String,
     pub schema_version: String,
+    /// URI of the data schema (`outbox-relay catalog schema`): the
+    /// envelope's `dataschema` and the `ce_dataschema` header.
+    pub dataschema: String,
     pub partition_key: String,
     /// Required payload fields and their JSON types, in file order.
     pub payload: Vec<(String, FieldType)>,
@@ -560,6 +563,7 @@ impl Catalog {
             }
         }
         Ok(EventDef {
+            dataschema: crate::schema::data_uri(&e.event_type, &e.schema_version),
             event_type: e.event_type,
             publisher: e.publisher,
             topic,

@@ -1,7 +1,7 @@
 //! The Event Model envelope: turns a claimed outbox row into a Kafka record
 //! (topic, key, JSON value, headers), or into the reason it can never be one.
 //!
-//! Value: `{"id","type","source","schemaVersion","tenantId","occurredAt","data"}`
+//! Value: `{"id","type","source","schemaVersion","dataschema","tenantId","occurredAt","data"}`
 //! plus `correlationId` / `causationId` when the row carries them. Headers
 //! follow the CloudEvents Kafka binding (`ce_*`) and W3C trace context.
 
@@ -67,6 +67,7 @@ struct Envelope<'a> {
     event_type: &'a str,
     source: &'a str,
     schema_version: &'a str,
+    dataschema: &'a str,
     tenant_id: Option<&'a str>,
     occurred_at: &'a str,
     correlation_id: Option<&'a str>,
@@ -86,6 +87,7 @@ impl Envelope<'_> {
         field(out, ",\"type\":", Some(self.event_type));
         field(out, ",\"source\":", Some(self.source));
         field(out, ",\"schemaVersion\":", Some(self.schema_version));
+        field(out, ",\"dataschema\":", Some(self.dataschema));
         field(out, ",\"tenantId\":", self.tenant_id);
         field(out, ",\"occurredAt\":", Some(self.occurred_at));
         out.extend_from_slice(b",\"data\":");
@@ -348,6 +350,7 @@ pub fn prepare(
         event_type: &row.event_type,
         source: &def.publisher,
         schema_version: &def.schema_version,
+        dataschema: &def.dataschema,
         tenant_id,
         occurred_at: &occurred_at,
         correlation_id: row_headers.correlation_id.as_deref(),
@@ -375,6 +378,7 @@ pub fn prepare(
     add!("ce_source", &def.publisher);
     add!("ce_time", &occurred_at);
     add!("ce_schemaversion", &def.schema_version);
+    add!("ce_dataschema", &def.dataschema);
     add!("content-type", "application/json");
     if let Some(t) = tenant_id {
         add!("ce_tenantid", t);
@@ -483,6 +487,7 @@ mod tests {
                 "type": "money.wallet.credited",
                 "source": "money",
                 "schemaVersion": "1.0.0",
+                "dataschema": "urn:outbox-relay:schema:money.wallet.credited:1.0.0",
                 "tenantId": "tenant-a",
                 "occurredAt": "2026-11-29T10:00:00.123Z",
                 "data": credited(),
@@ -493,6 +498,10 @@ mod tests {
         assert_eq!(h["ce_id"], "01j9pa5mz70000000000000000");
         assert_eq!(h["ce_type"], "money.wallet.credited");
         assert_eq!(h["ce_tenantid"], "tenant-a");
+        assert_eq!(
+            h["ce_dataschema"],
+            "urn:outbox-relay:schema:money.wallet.credited:1.0.0"
+        );
         assert_eq!(
             h["traceparent"],
             "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -513,7 +522,9 @@ mod tests {
             text,
             concat!(
                 r#"{"id":"01j9pa5mz70000000000000000","type":"money.wallet.credited","#,
-                r#""source":"money","schemaVersion":"1.0.0","tenantId":"t\"1\\\n","#,
+                r#""source":"money","schemaVersion":"1.0.0","#,
+                r#""dataschema":"urn:outbox-relay:schema:money.wallet.credited:1.0.0","#,
+                r#""tenantId":"t\"1\\\n","#,
                 r#""occurredAt":"2026-11-29T10:00:00.123Z","#,
                 r#""data":{"txId": "t1", "userId": "u1", "amountCents": 100, "currency": "USD", "rate": 1.50, "note": "caf\u00e9 \"x\" ü"},"#,
                 r#""correlationId":"c\u0001","causationId":"k"}"#

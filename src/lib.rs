@@ -17,8 +17,10 @@ pub mod metrics;
 pub mod privileges;
 pub mod publish;
 pub mod relay;
+pub mod schema;
 pub mod sql;
 pub mod status;
+pub mod tls;
 pub mod topics;
 pub mod writer;
 
@@ -62,6 +64,10 @@ pub enum RunError {
     Schema(String),
     #[error("metrics: {0}")]
     Metrics(String),
+    /// A Kafka TLS or SASL setting that no retry can fix; the message names
+    /// the setting and the fix.
+    #[error("kafka: {0}")]
+    KafkaSetup(String),
     /// The relay's database role lacks a grant it needs.
     #[error("postgres: {0}")]
     Privileges(String),
@@ -134,6 +140,7 @@ pub async fn connect_kafka(
     settings: &Settings,
     token: &CancellationToken,
 ) -> Result<RelayProducer, RunError> {
+    tls::check_files(&settings.kafka).map_err(RunError::KafkaSetup)?;
     let producer = publish::create_producer(&settings.kafka)?;
     let mut delays = backon::ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
@@ -150,6 +157,12 @@ pub async fn connect_kafka(
         .expect("metadata task panicked");
         match result {
             Ok(_) => return Ok(producer),
+            // A refused certificate or password does not heal by waiting.
+            Err(err) if explained(&producer, settings).is_some() => {
+                let why = explained(&producer, settings).unwrap_or_default();
+                tracing::error!(error = %err, "{why}");
+                return Err(RunError::KafkaSetup(why));
+            }
             Err(err) if settings.relay.fail_fast || token.is_cancelled() => return Err(err.into()),
             Err(err) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(10));
@@ -162,6 +175,12 @@ pub async fn connect_kafka(
             }
         }
     }
+}
+
+fn explained(producer: &RelayProducer, settings: &Settings) -> Option<String> {
+    use rdkafka::producer::Producer;
+    let last = producer.client().context().last_error()?;
+    tls::explain(&settings.kafka, &last)
 }
 
 /// A name for this relay process, unique enough to tell relays apart in
@@ -601,6 +620,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
         let mut tasks = tokio::task::JoinSet::new();
         for source in sources {
             let name = source.name.clone();
+            metrics::init_source(&name, &catalog);
             let task = run_source(
                 source,
                 producer.clone(),

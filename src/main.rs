@@ -62,10 +62,22 @@ enum Command {
 enum CatalogCmd {
     /// Print the loaded catalog as a table.
     List,
-    /// Validate catalog files (the kernel's plus the given ones) without starting.
+    /// Validate catalog files (the kernel's plus the given ones) without
+    /// starting, and check their event schemas against the published ones.
     Check {
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// The published schemas (as `catalog schema` wrote them): a change
+        /// that breaks consumers within a major version fails the check.
+        /// Skipped when the directory does not exist.
+        #[arg(long, default_value = "config/schemas")]
+        schemas: PathBuf,
+    },
+    /// Write a JSON Schema (2020-12) per event type and version, for the
+    /// envelope and for `data`: DIR/<type>/<version>/{envelope,data}.schema.json.
+    Schema {
+        #[arg(long, default_value = "config/schemas")]
+        out: PathBuf,
     },
     /// Mirror the catalog into the database (publisher checks use it).
     Sync,
@@ -269,7 +281,7 @@ async fn main() -> Result<()> {
                 catalog.render_table(settings.topics.default_retention_days)
             );
         }
-        Command::Catalog(CatalogCmd::Check { files }) => {
+        Command::Catalog(CatalogCmd::Check { files, schemas }) => {
             let mut paths = settings.catalog.paths.clone();
             for f in &files {
                 if !paths.iter().any(|p| p == f || f.starts_with(p)) {
@@ -277,11 +289,40 @@ async fn main() -> Result<()> {
                 }
             }
             let catalog = Catalog::load(&paths)?;
+            let schemas_note = if schemas.is_dir() {
+                outbox_relay::schema::check_compatibility(&catalog, &schemas).with_context(
+                    || {
+                        format!(
+                            "the catalog's event schemas break the published ones in {}",
+                            schemas.display()
+                        )
+                    },
+                )?;
+                format!("; schemas compatible with {}", schemas.display())
+            } else {
+                format!(
+                    "; no published schemas at {} (--schemas) to compare with",
+                    schemas.display()
+                )
+            };
             println!(
-                "ok: {} events, {} publishers, {} topics",
+                "ok: {} events, {} publishers, {} topics{schemas_note}",
                 catalog.events.len(),
                 catalog.publishers.len(),
                 catalog.topics.len()
+            );
+        }
+        Command::Catalog(CatalogCmd::Schema { out }) => {
+            let catalog = Catalog::load(&settings.catalog.paths)?;
+            let written = outbox_relay::schema::write_all(&catalog, &out)?;
+            for path in &written {
+                println!("{}", path.display());
+            }
+            eprintln!(
+                "wrote {} schemas of {} events to {}",
+                written.len(),
+                catalog.events.len(),
+                out.display()
             );
         }
         Command::Catalog(CatalogCmd::Sync) => {

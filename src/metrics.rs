@@ -2,7 +2,8 @@
 //!
 //! Names are a public interface (dashboards and alert rules in `deploy/`
 //! depend on them). Labels stay low-cardinality: source, event type, topic,
-//! reason — never an event id, tenant id or key.
+//! reason — never an event id, tenant id or key. Every per-source metric,
+//! histograms included, carries `source`: one process may serve several.
 
 use std::time::Duration;
 
@@ -160,8 +161,7 @@ pub fn dead_lettered(source: &str, event_type: &str, reason: &'static str) {
     } else {
         event_type
     };
-    counter!(DEAD_LETTERED, "source" => source.to_owned(), "event_type" => event_type.to_owned(), "reason" => reason)
-        .increment(1);
+    dead_lettered_by(source, event_type, reason, 1);
 }
 
 pub fn backlog(source: &str, pending: i64, oldest_age_seconds: f64, dlq: i64) {
@@ -177,9 +177,39 @@ pub fn dlq_age(source: &str, oldest_dead_age_seconds: f64, forced_replays: i64) 
         .absolute(forced_replays.max(0) as u64);
 }
 
+/// A source's counters at zero, before anything happened: Prometheus's
+/// `increase()` and `rate()` ignore the first sample of a series, so a
+/// counter that first appeared at 1 (the first dead letter after a start)
+/// would never show an increase, and `OutboxDlqGrowing` would stay silent.
+pub fn init_source(source: &str, catalog: &crate::catalog::Catalog) {
+    use crate::failure::DlqReason;
+    for reason in DlqReason::ALL {
+        if reason == DlqReason::TopicAuthorizationFailed {
+            // No longer produced (an ACL is retried, not dead-lettered).
+            continue;
+        }
+        if reason == DlqReason::UnknownEventType {
+            dead_lettered_by(source, UNKNOWN_EVENT_TYPE_LABEL, reason.as_str(), 0);
+            continue;
+        }
+        for event_type in catalog.events.keys() {
+            dead_lettered_by(source, event_type, reason.as_str(), 0);
+        }
+    }
+    counter!(DB_ERRORS, "source" => source.to_owned()).increment(0);
+    // OutboxTopicAuthorizationFailed must see the first denial, too.
+    counter!(PUBLISH_FAILURES, "source" => source.to_owned(), "reason" => crate::failure::TOPIC_AUTHORIZATION_FAILED)
+        .increment(0);
+}
+
+fn dead_lettered_by(source: &str, event_type: &str, reason: &'static str, n: u64) {
+    counter!(DEAD_LETTERED, "source" => source.to_owned(), "event_type" => event_type.to_owned(), "reason" => reason)
+        .increment(n);
+}
+
 /// A batch's latencies: the histogram is looked up once, not per event.
-pub fn publish_latencies(seconds: impl IntoIterator<Item = f64>) {
-    let h = histogram!(PUBLISH_LATENCY);
+pub fn publish_latencies(source: &str, seconds: impl IntoIterator<Item = f64>) {
+    let h = histogram!(PUBLISH_LATENCY, "source" => source.to_owned());
     for s in seconds {
         h.record(s.max(0.0));
     }
@@ -189,11 +219,11 @@ pub fn publish_latencies(seconds: impl IntoIterator<Item = f64>) {
 /// those empty claims would bury the batch-size distribution under zeros,
 /// so only their duration is kept (a slow empty claim points at dead index
 /// entries at the head of the outbox: see docs/operations.md).
-pub fn batch(size: usize, claim: Duration) {
+pub fn batch(source: &str, size: usize, claim: Duration) {
     if size > 0 {
-        histogram!(BATCH_SIZE).record(size as f64);
+        histogram!(BATCH_SIZE, "source" => source.to_owned()).record(size as f64);
     }
-    histogram!(CLAIM_DURATION).record(claim.as_secs_f64());
+    histogram!(CLAIM_DURATION, "source" => source.to_owned()).record(claim.as_secs_f64());
 }
 
 pub fn last_publish(source: &str, unix_seconds: f64) {

@@ -26,6 +26,19 @@ use crate::metrics;
 #[derive(Clone, Default)]
 pub struct RelayContext {
     batches: Arc<Batches>,
+    /// librdkafka's last client error (a failed TLS handshake or SASL
+    /// authentication shows only here), for the start-up checks.
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl RelayContext {
+    /// The last error librdkafka reported for the client as a whole.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
 }
 
 /// Batches whose delivery reports are still expected, by sequence number.
@@ -110,6 +123,11 @@ impl ClientContext for RelayContext {
                 }
             }
         }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::error!(target: "librdkafka", error = %error, "{reason}");
+        *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_string());
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {

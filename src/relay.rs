@@ -256,7 +256,7 @@ impl Relay {
             (Err(err), _) => return Err(err.into()),
         };
         let claimed_in = started.elapsed();
-        metrics::batch(rows.len(), claimed_in);
+        metrics::batch(self.source(), rows.len(), claimed_in);
         if rows.is_empty() {
             tx.rollback().await?;
             return Ok(None);
@@ -546,7 +546,7 @@ impl Relay {
                 }
             }
         }
-        metrics::publish_latencies(latencies);
+        metrics::publish_latencies(self.source(), latencies);
         if !retry_ids.is_empty() {
             tracing::warn!(
                 events = retry_ids.len(),

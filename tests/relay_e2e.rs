@@ -104,8 +104,13 @@ async fn every_catalog_event_arrives_on_its_topic_with_envelope_key_and_headers(
             .unwrap_or(Value::Null);
         assert_eq!(m.value["tenantId"], expected_tenant, "{event_type}");
         assert_eq!(
+            m.value["dataschema"],
+            format!("urn:outbox-relay:schema:{event_type}:1.0.0").as_str()
+        );
+        assert_eq!(m.headers["ce_dataschema"], m.value["dataschema"]);
+        assert_eq!(
             m.value.as_object().unwrap().len(),
-            7,
+            8,
             "exactly the envelope fields: {}",
             m.value
         );

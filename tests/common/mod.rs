@@ -470,14 +470,41 @@ pub fn received<M: Message>(m: &M) -> Received {
             );
         }
     }
-    Received {
+    let r = Received {
         topic: m.topic().to_string(),
         partition: m.partition(),
         offset: m.offset(),
         key: String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
         value: serde_json::from_slice(m.payload().unwrap_or_default()).unwrap_or(Value::Null),
         headers,
+    };
+    record_published(&r);
+    r
+}
+
+/// With `OUTBOX_TEST_EVENT_LOG` set (scripts/test.sh sets it), every event
+/// a test reads back that the relay published (it names its schema in
+/// `ce_dataschema`) is appended to `<dir>/<pid>.jsonl`; after the suite,
+/// scripts/validate-events.py checks each against its JSON Schema.
+pub fn record_published(r: &Received) {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let Some(dir) = std::env::var_os("OUTBOX_TEST_EVENT_LOG") else {
+        return;
+    };
+    if !r.headers.contains_key("ce_dataschema") {
+        return;
     }
+    let line = serde_json::json!({"topic": r.topic, "headers": r.headers, "value": r.value});
+    let _guard = LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = PathBuf::from(dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("{}.jsonl", std::process::id())))
+        .unwrap();
+    writeln!(f, "{line}").unwrap();
 }
 
 /// Example payloads of the catalog (the seed's examples).
