@@ -151,6 +151,12 @@ pub struct RelaySettings {
     /// Name of this outbox source; the `source` label on every metric.
     pub source: String,
     pub batch_size: u32,
+    /// Bytes of payload and headers (uncompressed) one claim loads at most,
+    /// past its first row: with `pipeline_depth` batches in flight, what
+    /// bounds the relay's memory whatever writers insert
+    /// (docs/scaling.md). A claim stops at `batch_size` rows or this,
+    /// whichever comes first.
+    pub max_batch_bytes: u64,
     /// Batches in flight at once: the next is claimed and queued in the
     /// producer while Kafka acknowledges the previous. 1 turns it off.
     pub pipeline_depth: u32,
@@ -262,6 +268,7 @@ impl Default for Settings {
             relay: RelaySettings {
                 source: "default".into(),
                 batch_size: 4000,
+                max_batch_bytes: 16 * 1024 * 1024,
                 pipeline_depth: 2,
                 idle_interval_ms: 5,
                 listen: false,
@@ -485,6 +492,12 @@ impl Settings {
             return Err(ConfigError::invalid(
                 "relay.batch_size",
                 "must be between 1 and 50000",
+            ));
+        }
+        if !(64 * 1024..=1024 * 1024 * 1024).contains(&self.relay.max_batch_bytes) {
+            return Err(ConfigError::invalid(
+                "relay.max_batch_bytes",
+                "must be between 65536 (64 KiB) and 1073741824 (1 GiB)",
             ));
         }
         if self.relay.pipeline_depth == 0 || self.relay.pipeline_depth > 8 {

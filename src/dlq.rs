@@ -51,6 +51,7 @@ pub fn check(
         attempts: 0,
         publisher: entry.publisher.clone(),
         vpartition: entry.vpartition.unwrap_or(0),
+        bytes: 0,
     };
     envelope::prepare(&row, catalog, &kafka.topic_prefix, kafka.max_message_bytes)
         .map(|_| ())

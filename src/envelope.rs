@@ -329,6 +329,17 @@ pub fn prepare(
             ),
         ));
     }
+    // The message holds the payload verbatim: a payload over the limit by
+    // itself is refused before megabytes of it are parsed.
+    if row.payload.len() + RECORD_OVERHEAD > max_message_bytes {
+        return Err(reject(
+            DlqReason::MessageTooLarge,
+            format!(
+                "the payload alone is {} bytes; the limit (kafka.max_message_bytes) is {max_message_bytes}",
+                row.payload.len()
+            ),
+        ));
+    }
     let fields = Fields::parse(&row.payload)?;
     check_portable(&row.payload).map_err(|e| reject(DlqReason::InvalidPayload, e))?;
     let key = partition_key(def, &fields)?;
@@ -446,6 +457,7 @@ mod tests {
             attempts: 0,
             publisher: Some("money".into()),
             vpartition: 0,
+            bytes: 0,
         }
     }
 
@@ -602,6 +614,22 @@ mod tests {
 
         let e = prepare(&row("money.wallet.credited", credited()), &c, "", 200).unwrap_err();
         assert_eq!(e.reason, DlqReason::MessageTooLarge);
+        assert!(
+            e.message.starts_with("serialized message is"),
+            "{}",
+            e.message
+        );
+
+        // A payload over the limit by itself is refused unparsed.
+        let mut r = row("money.wallet.credited", credited());
+        r.payload = format!("{{\"x\": \"{}", "y".repeat(5000));
+        let e = prepare(&r, &c, "", 4096).unwrap_err();
+        assert_eq!(e.reason, DlqReason::MessageTooLarge);
+        assert!(
+            e.message.starts_with("the payload alone is 5007 bytes"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

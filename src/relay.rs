@@ -242,6 +242,7 @@ impl Relay {
         let claimed = sql::claim(
             &mut tx,
             relay.batch_size as i64,
+            relay.max_batch_bytes as i64,
             vpartitions,
             after.unwrap_or(0),
         )
@@ -746,6 +747,7 @@ impl Relay {
     pub async fn run(self: Arc<Self>, token: CancellationToken) -> Result<(), RelayError> {
         let idle = self.settings.idle_interval();
         let full = self.settings.relay.batch_size as usize;
+        let budget = self.settings.relay.max_batch_bytes as i64;
         let depth = self.settings.relay.pipeline_depth.max(1) as usize;
         let mut backoff = db_backoff();
         let mut inflight: VecDeque<tokio::task::JoinHandle<Result<BatchReport, RelayError>>> =
@@ -776,7 +778,10 @@ impl Relay {
                         if !pipelined {
                             last_full_scan = Instant::now();
                         }
-                        let was_full = claimed.rows.len() >= full;
+                        // Stopped by the row limit or the byte budget:
+                        // more rows are probably due.
+                        let was_full = claimed.rows.len() >= full
+                            || claimed.rows.iter().map(|r| r.bytes).sum::<i64>() >= budget;
                         // Rows come back in ordering-id order.
                         cursor = claimed.rows.last().map(|r| r.id);
                         // Envelopes and produce calls run in the batch's task

@@ -31,6 +31,8 @@ pub struct OutboxRow {
     pub attempts: i32,
     pub publisher: Option<String>,
     pub vpartition: i16,
+    /// What the claim counted against `relay.max_batch_bytes` for this row.
+    pub bytes: i64,
 }
 
 pub async fn connect(url: &str, max_connections: u32, timeout: Duration) -> sqlx::Result<PgPool> {
@@ -342,13 +344,15 @@ impl<'r> sqlx::FromRow<'r, PgRow> for OutboxRow {
             attempts: row.try_get(7)?,
             publisher: row.try_get(8)?,
             vpartition: row.try_get(9)?,
+            bytes: row.try_get(10)?,
         })
     }
 }
 
 /// Columns of a claimed row, in the order [`OutboxRow`] reads them.
 const CLAIMED_COLUMNS: &str = "id, event_id, event_type, tenant_id, payload::text AS payload, \
-     headers::text AS headers, occurred_at, attempts, publisher, vpartition";
+     headers::text AS headers, occurred_at, attempts, publisher, vpartition, \
+     coalesce(payload_bytes, pg_column_size(payload) + coalesce(pg_column_size(headers), 0))::bigint AS bytes";
 
 /// Opens a claim's transaction with the savepoint [`unclaim`] rolls back
 /// to, in one round trip: the relay claims up to a few hundred times a
@@ -392,12 +396,13 @@ pub async fn locked_partitions(
     Ok(locked)
 }
 
-/// Claims up to `limit` due rows above `after_id` in ordering-id order —
-/// of the given virtual partitions when leases are on — and deletes them in
-/// one statement, inside the savepoint [`begin_claim`] opened: nothing
-/// is removed until that transaction commits after Kafka acknowledged the
-/// batch, and [`unclaim`] undoes the delete when some rows must stay. Rows
-/// come back in ordering-id order.
+/// Claims due rows above `after_id` in ordering-id order — of the given
+/// virtual partitions when leases are on — up to `limit` rows and, past the
+/// first row, `max_bytes` of payload and headers (see [`claim_statement`]),
+/// and deletes them in one statement, inside the savepoint [`begin_claim`]
+/// opened: nothing is removed until that transaction commits after Kafka
+/// acknowledged the batch, and [`unclaim`] undoes the delete when some rows
+/// must stay. Rows come back in ordering-id order.
 ///
 /// Without leases, other relays skip the locked rows (SKIP LOCKED). With
 /// leases there is no SKIP LOCKED: a row still locked by a relay that lost
@@ -406,13 +411,15 @@ pub async fn locked_partitions(
 pub async fn claim(
     tx: &mut Transaction<'_, Postgres>,
     limit: i64,
+    max_bytes: i64,
     vpartitions: Option<&[i16]>,
     after_id: i64,
 ) -> sqlx::Result<Vec<OutboxRow>> {
     let sql = claim_statement(vpartitions.is_some());
     let mut query = sqlx::query_as::<_, OutboxRow>(&sql)
         .bind(limit)
-        .bind(after_id);
+        .bind(after_id)
+        .bind(max_bytes);
     if let Some(vps) = vpartitions {
         query = query.bind(vps);
     }
@@ -421,15 +428,23 @@ pub async fn claim(
     Ok(rows)
 }
 
-/// The claim statement: $1 limit, $2 ordering id to start above, $3 the
-/// leased virtual partitions (with leases).
+/// The claim statement: $1 limit in rows, $2 ordering id to start above,
+/// $3 byte budget, $4 the leased virtual partitions (with leases).
+///
+/// The budget counts each row's `payload_bytes` (its size before TOAST
+/// compression, set by the insert trigger; the stored size for rows written
+/// before migration 0010). A row is taken while the rows before it hold
+/// less than the budget, so the first row always is: a claim loads at most
+/// the budget plus one row, whatever writers insert. Sizes come from the
+/// row's header, not from its payload: rows past the budget are never
+/// loaded.
 pub fn claim_statement(leased: bool) -> String {
     // With leases no other relay claims these partitions, so the claim waits
     // on rows another transaction holds (a stalled former owner) instead of
     // skipping them. The DELETE waits on them by itself; locking them first
     // (FOR UPDATE) would only write a second WAL record for every row.
     let (filter, lock) = if leased {
-        ("AND vpartition = ANY($3)", "")
+        ("AND vpartition = ANY($4)", "")
     } else {
         ("", "FOR UPDATE SKIP LOCKED")
     };
@@ -440,11 +455,16 @@ pub fn claim_statement(leased: bool) -> String {
     // claimed at once.
     format!(
         "DELETE FROM outbox WHERE id = ANY(ARRAY( \
-             SELECT id FROM outbox \
-              WHERE id > $2 AND available_at <= now() {filter} \
-              ORDER BY id \
-              LIMIT $1 \
-              {lock})) \
+             SELECT id FROM ( \
+                 SELECT id, bytes, sum(bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS upto \
+                   FROM (SELECT id, coalesce(payload_bytes, pg_column_size(payload) + coalesce(pg_column_size(headers), 0))::bigint AS bytes \
+                           FROM outbox \
+                          WHERE id > $2 AND available_at <= now() {filter} \
+                          ORDER BY id \
+                          LIMIT $1 \
+                          {lock}) due \
+             ) sized \
+              WHERE upto - bytes < $3)) \
            AND available_at <= now() \
          RETURNING {CLAIMED_COLUMNS}"
     )

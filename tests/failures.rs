@@ -1657,24 +1657,3 @@ async fn dlq_cli_lists_replays_and_discards_through_the_sql_functions() {
         vec![keyless.as_str()]
     );
 }
-
-/// Reads a spawned relay's stderr as it comes (a full pipe would block its
-/// logging), into a buffer the test can look at while it runs.
-fn collect_stderr(child: &mut Spawned) -> Arc<std::sync::Mutex<String>> {
-    use std::io::Read;
-    let mut pipe = child.stderr.take().expect("stderr is piped");
-    let out = Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    out
-}

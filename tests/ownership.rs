@@ -147,7 +147,9 @@ async fn a_claim_that_waited_on_a_lock_does_not_take_a_row_rescheduled_meanwhile
     let relay = env.relay_pool().await;
     let waiting = tokio::spawn(async move {
         let mut tx = sql::begin_claim(&relay).await.unwrap();
-        let rows = sql::claim(&mut tx, 100, Some(&all), 0).await.unwrap();
+        let rows = sql::claim(&mut tx, 100, i64::MAX, Some(&all), 0)
+            .await
+            .unwrap();
         tx.rollback().await.unwrap();
         rows
     });
@@ -213,7 +215,7 @@ async fn a_relay_that_cannot_prove_its_lease_sends_nothing_more() {
     write_keys(&env, 3).await;
     let relay_pool = env.relay_pool().await;
     let mut tx = sql::begin_claim(&relay_pool).await.unwrap();
-    let rows = sql::claim(&mut tx, 10, None, 0).await.unwrap();
+    let rows = sql::claim(&mut tx, 10, i64::MAX, None, 0).await.unwrap();
     let mut ready: Vec<_> = rows
         .iter()
         .map(|r| outbox_relay::envelope::prepare(r, &env.catalog, &env.prefix, 1_000_000).unwrap())

@@ -94,6 +94,10 @@ async fn a_writer_can_insert_but_cannot_read_change_or_delete_any_event() {
         // The publisher is stamped, never supplied.
         "INSERT INTO outbox (event_type, payload, publisher) VALUES ('money.wallet.credited', \
          '{\"txId\": \"t\", \"userId\": \"u\", \"amountCents\": 1, \"currency\": \"USD\"}', 'money')",
+        // The size a claim counts is measured, never supplied (a row
+        // claiming to be small would slip past relay.max_batch_bytes).
+        "INSERT INTO outbox (event_type, payload, payload_bytes) VALUES ('money.wallet.credited', \
+         '{\"txId\": \"t\", \"userId\": \"u\", \"amountCents\": 1, \"currency\": \"USD\"}', 1)",
         // The ordering id cannot be chosen to jump the queue.
         "INSERT INTO outbox (id, event_type, payload) OVERRIDING SYSTEM VALUE VALUES (1, 'money.wallet.credited', \
          '{\"txId\": \"t\", \"userId\": \"u\", \"amountCents\": 1, \"currency\": \"USD\"}')",

@@ -7,7 +7,7 @@
 # consumers spread over the last 12 months (one partition per month).
 #
 #   bash bench/scripts/dedupe-partitioning.sh                  # 10 M rows, 3 rounds of 20 s
-#   ROWS=100000000 bash bench/scripts/dedupe-partitioning.sh   # 100 M rows (≈ 25 GB of disk, hours to fill)
+#   ROWS=100000000 bash bench/scripts/dedupe-partitioning.sh   # 100 M rows (22 GB of disk, about 25 minutes to fill here)
 #
 # Each round runs both tables, alternating, twice: with the server's
 # synchronous_commit (what a consumer's transaction pays: the WAL flush
