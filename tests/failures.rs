@@ -384,7 +384,8 @@ async fn each_permanent_failure_is_dead_lettered_intact_with_reason_message_and_
     let big = &dead[&oversize];
     assert_eq!(big.reason, "message_too_large");
     assert!(
-        big.last_error.starts_with("serialized message is 11")
+        // The payload alone is over the limit: refused before it is parsed.
+        big.last_error.starts_with("the payload alone is 11")
             && big
                 .last_error
                 .ends_with(" bytes; the limit (kafka.max_message_bytes) is 1000000"),
