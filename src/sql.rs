@@ -349,10 +349,22 @@ impl<'r> sqlx::FromRow<'r, PgRow> for OutboxRow {
     }
 }
 
+/// What a claim counts of a row against `relay.max_batch_bytes`: its size
+/// before compression, or its stored size for rows written before migration
+/// 0010. Read from the row header; the payload is not loaded for it.
+macro_rules! row_bytes {
+    () => {
+        "coalesce(payload_bytes, pg_column_size(payload) + coalesce(pg_column_size(headers), 0))::bigint"
+    };
+}
+
 /// Columns of a claimed row, in the order [`OutboxRow`] reads them.
-const CLAIMED_COLUMNS: &str = "id, event_id, event_type, tenant_id, payload::text AS payload, \
-     headers::text AS headers, occurred_at, attempts, publisher, vpartition, \
-     coalesce(payload_bytes, pg_column_size(payload) + coalesce(pg_column_size(headers), 0))::bigint AS bytes";
+const CLAIMED_COLUMNS: &str = concat!(
+    "id, event_id, event_type, tenant_id, payload::text AS payload, \
+     headers::text AS headers, occurred_at, attempts, publisher, vpartition, ",
+    row_bytes!(),
+    " AS bytes"
+);
 
 /// Opens a claim's transaction with the savepoint [`unclaim`] rolls back
 /// to, in one round trip: the relay claims up to a few hundred times a
@@ -457,7 +469,7 @@ pub fn claim_statement(leased: bool) -> String {
         "DELETE FROM outbox WHERE id = ANY(ARRAY( \
              SELECT id FROM ( \
                  SELECT id, bytes, sum(bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS upto \
-                   FROM (SELECT id, coalesce(payload_bytes, pg_column_size(payload) + coalesce(pg_column_size(headers), 0))::bigint AS bytes \
+                   FROM (SELECT id, {ROW_BYTES} AS bytes \
                            FROM outbox \
                           WHERE id > $2 AND available_at <= now() {filter} \
                           ORDER BY id \
@@ -466,7 +478,8 @@ pub fn claim_statement(leased: bool) -> String {
              ) sized \
               WHERE upto - bytes < $3)) \
            AND available_at <= now() \
-         RETURNING {CLAIMED_COLUMNS}"
+         RETURNING {CLAIMED_COLUMNS}",
+        ROW_BYTES = row_bytes!()
     )
 }
 
