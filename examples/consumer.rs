@@ -1,4 +1,5 @@
-//! An example module consumer built on the consumer kit (`outbox_relay::consumer`):
+//! An example module consumer built on the consumer kit (the `outbox-consumer`
+//! crate, with `outbox-model` for the catalog and `outbox-writer`'s typed events):
 //! the CRM module records an activity row for every new user and every
 //! wallet credit, inside the dedupe transaction of each event.
 //!
@@ -17,10 +18,10 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use outbox_relay::catalog::Catalog;
-use outbox_relay::config::Settings;
-use outbox_relay::consumer::{Consumer, ConsumerSettings, FailurePolicy, Manifest};
-use outbox_relay::writer::{UserCreated, WalletCredited};
+use outbox_consumer::kafka::KafkaSettings;
+use outbox_consumer::{Consumer, ConsumerSettings, FailurePolicy, Manifest};
+use outbox_model::catalog::Catalog;
+use outbox_writer::{UserCreated, WalletCredited};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -106,10 +107,12 @@ async fn main() -> Result<()> {
         .context("connecting to Postgres (DATABASE_URL)")?;
     ensure_table(&pool).await?;
 
-    let mut kafka = Settings::default().kafka;
-    kafka.brokers = args.brokers.clone();
-    kafka.topic_prefix = args.topic_prefix.clone();
-    kafka.client_id = "example-consumer".into();
+    let kafka = KafkaSettings {
+        brokers: args.brokers.clone(),
+        topic_prefix: args.topic_prefix.clone(),
+        client_id: "example-consumer".into(),
+        ..KafkaSettings::default()
+    };
     let mut settings = ConsumerSettings::new(args.name.as_deref().unwrap_or(&manifest.name), kafka);
     if let Some(group) = args.group {
         settings.group_id = group;

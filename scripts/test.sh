@@ -52,6 +52,8 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+log "library crates' dependency trees"
+bash scripts/check-deps.sh
 if [[ -f deploy/prometheus/alerts.yml ]]; then
   log "promtool check rules"
   promtool check rules deploy/prometheus/alerts.yml

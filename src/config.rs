@@ -4,15 +4,13 @@
 //! sections (`OUTBOX_RELAY_KAFKA__BROKERS`), plus the conventional
 //! `DATABASE_URL`. Unknown keys and bad values stop start-up with the key named.
 
-use std::collections::BTreeMap;
-use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 
 /// Environment variable prefix for every setting.
 pub const ENV_PREFIX: &str = "OUTBOX_RELAY_";
@@ -38,36 +36,10 @@ impl ConfigError {
     }
 }
 
-/// A value that never appears in logs or `Debug` output.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Secret(value.into())
-    }
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("\"***\"")
-    }
-}
-
-impl<'de> Deserialize<'de> for Secret {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        String::deserialize(d).map(Secret)
-    }
-}
-
-impl Serialize for Secret {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.0)
-    }
-}
+pub use outbox_consumer::kafka::{
+    Compression, KafkaSettings, SaslMechanism, SaslSettings, SecurityProtocol, TlsSettings,
+};
+pub use outbox_model::Secret;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -92,50 +64,6 @@ pub struct DatabaseSettings {
     pub url: Secret,
     pub max_connections: u32,
     pub connect_timeout_ms: u64,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct KafkaSettings {
-    pub brokers: String,
-    pub client_id: String,
-    /// Prepended to every catalog topic (`staging.` → `staging.platform.auth.events`).
-    pub topic_prefix: String,
-    /// `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`.
-    pub security_protocol: String,
-    pub sasl: Option<SaslSettings>,
-    pub tls: Option<TlsSettings>,
-    /// `none`, `gzip`, `snappy`, `lz4` or `zstd`.
-    pub compression: String,
-    pub linger_ms: u64,
-    /// Bound on how long librdkafka keeps retrying one message before the
-    /// relay's own retry loop takes over.
-    pub message_timeout_ms: u64,
-    pub request_timeout_ms: u64,
-    /// Largest serialized message the relay will produce; larger rows go to
-    /// the DLQ before producing. Keep it ≤ the broker's `message.max.bytes`.
-    pub max_message_bytes: usize,
-    /// Raw librdkafka properties, applied last. Keys that the typed settings
-    /// above own are rejected.
-    pub librdkafka: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SaslSettings {
-    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
-    pub mechanism: String,
-    pub username: String,
-    pub password: Secret,
-}
-
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsSettings {
-    pub ca_location: Option<PathBuf>,
-    pub certificate_location: Option<PathBuf>,
-    pub key_location: Option<PathBuf>,
-    pub key_password: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -231,11 +159,20 @@ pub struct HttpSettings {
     pub listen: String,
 }
 
+/// `log.format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
-    /// `pretty` or `json`.
-    pub format: String,
+    pub format: LogFormat,
     /// A tracing `EnvFilter` directive, e.g. `info,outbox_relay=debug`.
     pub level: String,
 }
@@ -248,20 +185,7 @@ impl Default for Settings {
                 max_connections: 8,
                 connect_timeout_ms: 5_000,
             },
-            kafka: KafkaSettings {
-                brokers: "127.0.0.1:19092".into(),
-                client_id: "outbox-relay".into(),
-                topic_prefix: String::new(),
-                security_protocol: "plaintext".into(),
-                sasl: None,
-                tls: None,
-                compression: "lz4".into(),
-                linger_ms: 2,
-                message_timeout_ms: 10_000,
-                request_timeout_ms: 5_000,
-                max_message_bytes: 1_000_000,
-                librdkafka: BTreeMap::new(),
-            },
+            kafka: KafkaSettings::default(),
             catalog: CatalogSettings {
                 paths: vec![PathBuf::from("config/catalog")],
             },
@@ -295,7 +219,7 @@ impl Default for Settings {
                 listen: "127.0.0.1:9464".into(),
             },
             log: LogSettings {
-                format: "pretty".into(),
+                format: LogFormat::Pretty,
                 level: "info".into(),
             },
         }
@@ -330,6 +254,17 @@ const OWNED_LIBRDKAFKA_KEYS: &[(&str, &str)] = &[
     ("request.timeout.ms", "kafka.request_timeout_ms"),
     ("message.max.bytes", "kafka.max_message_bytes"),
 ];
+
+/// A figment error in the words the other start-up errors use; for an
+/// enum-like setting, the value found and every value allowed.
+fn describe(kind: &figment::error::Kind) -> String {
+    match kind {
+        figment::error::Kind::UnknownVariant(found, allowed) => {
+            format!("`{found}` is not one of {}", allowed.join(", "))
+        }
+        other => other.to_string(),
+    }
+}
 
 impl Settings {
     /// The layered figment: defaults → TOML file (if any) → environment.
@@ -384,7 +319,7 @@ impl Settings {
                     None => format!(" (from {})", m.name),
                 })
                 .unwrap_or_default();
-            ConfigError::invalid(key, format!("{}{source}", e.kind))
+            ConfigError::invalid(key, format!("{}{source}", describe(&e.kind)))
         })?;
         settings.validate()?;
         Ok(settings)
@@ -406,48 +341,10 @@ impl Settings {
         if self.kafka.brokers.trim().is_empty() {
             return Err(ConfigError::invalid("kafka.brokers", "is empty"));
         }
-        if !matches!(
-            self.kafka.security_protocol.as_str(),
-            "plaintext" | "ssl" | "sasl_plaintext" | "sasl_ssl"
-        ) {
+        if self.kafka.sasl.is_some() && !self.kafka.security_protocol.uses_sasl() {
             return Err(ConfigError::invalid(
                 "kafka.security_protocol",
-                format!(
-                    "`{}` is not one of plaintext, ssl, sasl_plaintext, sasl_ssl",
-                    self.kafka.security_protocol
-                ),
-            ));
-        }
-        if let Some(sasl) = &self.kafka.sasl {
-            if !matches!(
-                sasl.mechanism.as_str(),
-                "PLAIN" | "SCRAM-SHA-256" | "SCRAM-SHA-512"
-            ) {
-                return Err(ConfigError::invalid(
-                    "kafka.sasl.mechanism",
-                    format!(
-                        "`{}` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
-                        sasl.mechanism
-                    ),
-                ));
-            }
-            if !self.kafka.security_protocol.starts_with("sasl_") {
-                return Err(ConfigError::invalid(
-                    "kafka.security_protocol",
-                    "must be sasl_plaintext or sasl_ssl when [kafka.sasl] is set",
-                ));
-            }
-        }
-        if !matches!(
-            self.kafka.compression.as_str(),
-            "none" | "gzip" | "snappy" | "lz4" | "zstd"
-        ) {
-            return Err(ConfigError::invalid(
-                "kafka.compression",
-                format!(
-                    "`{}` is not one of none, gzip, snappy, lz4, zstd",
-                    self.kafka.compression
-                ),
+                "must be sasl_plaintext or sasl_ssl when [kafka.sasl] is set",
             ));
         }
         if self.kafka.max_message_bytes < 1024 {
@@ -610,12 +507,6 @@ impl Settings {
                 ),
             ));
         }
-        if !matches!(self.log.format.as_str(), "pretty" | "json") {
-            return Err(ConfigError::invalid(
-                "log.format",
-                format!("`{}` is not one of pretty, json", self.log.format),
-            ));
-        }
         Ok(())
     }
 
@@ -682,6 +573,52 @@ mod tests {
             assert_eq!(s.relay.batch_size, 250);
             assert_eq!(s.relay.idle_interval_ms, 5);
             assert_eq!(s.database.url.expose(), "postgres://u:hunter2@db/app");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn enum_like_settings_name_the_key_the_value_and_every_allowed_value() {
+        for (file, expected) in [
+            (
+                "[kafka]\nsecurity_protocol = \"tls\"\n",
+                "configuration key `kafka.security_protocol`: `tls` is not one of plaintext, ssl, sasl_plaintext, sasl_ssl",
+            ),
+            (
+                "[kafka]\nsecurity_protocol = \"sasl_ssl\"\n[kafka.sasl]\nmechanism = \"scram\"\nusername = \"u\"\npassword = \"p\"\n",
+                "configuration key `kafka.sasl.mechanism`: `scram` is not one of PLAIN, SCRAM-SHA-256, SCRAM-SHA-512",
+            ),
+            (
+                "[kafka]\ncompression = \"LZ4\"\n",
+                "configuration key `kafka.compression`: `LZ4` is not one of none, gzip, snappy, lz4, zstd",
+            ),
+            (
+                "[log]\nformat = \"text\"\n",
+                "configuration key `log.format`: `text` is not one of pretty, json",
+            ),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.create_file("relay.toml", file)?;
+                let err = load_in_jail().unwrap_err().to_string();
+                assert!(err.starts_with(expected), "{err}");
+                Ok(())
+            });
+        }
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "relay.toml",
+                "[kafka]\nsecurity_protocol = \"sasl_ssl\"\ncompression = \"zstd\"\n\
+                 [kafka.sasl]\nmechanism = \"SCRAM-SHA-512\"\nusername = \"u\"\npassword = \"p\"\n\
+                 [log]\nformat = \"json\"\n",
+            )?;
+            let s = load_in_jail().map_err(|e| e.to_string())?;
+            assert_eq!(s.kafka.security_protocol, SecurityProtocol::SaslSsl);
+            assert_eq!(s.kafka.compression, Compression::Zstd);
+            assert_eq!(
+                s.kafka.sasl.as_ref().map(|s| s.mechanism),
+                Some(SaslMechanism::ScramSha512)
+            );
+            assert_eq!(s.log.format, LogFormat::Json);
             Ok(())
         });
     }

@@ -1,23 +1,20 @@
-//! The Event Model envelope: turns a claimed outbox row into a Kafka record
-//! (topic, key, JSON value, headers), or into the reason it can never be one.
-//!
-//! Value: `{"id","type","source","schemaVersion","dataschema","tenantId","occurredAt","data"}`
-//! plus `correlationId` / `causationId` when the row carries them. Headers
-//! follow the CloudEvents Kafka binding (`ce_*`) and W3C trace context.
+//! Turns a claimed outbox row into a Kafka record (topic, key, envelope
+//! JSON, headers), or into the reason it can never be one. The envelope's
+//! definition, shared with consumers, is [`outbox_model::envelope`].
 
 use std::sync::Arc;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
+use outbox_model::envelope::{headers as h, EnvelopeFields, TraceContext};
 use rdkafka::message::{Header, OwnedHeaders};
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+pub use outbox_model::envelope::{format_time, CE_SPECVERSION};
+
 use crate::catalog::{not_an_object, Catalog, EventDef, JsonKind};
 use crate::failure::DlqReason;
 use crate::sql::OutboxRow;
-
-/// CloudEvents spec version announced in `ce_specversion`.
-pub const CE_SPECVERSION: &str = "1.0";
 
 /// Bytes a record needs beyond key, value and headers (record framing);
 /// counted so that the size check before producing errs on the safe side.
@@ -49,65 +46,6 @@ pub struct Rejected {
 
 fn reject(reason: DlqReason, message: String) -> Rejected {
     Rejected { reason, message }
-}
-
-/// Trace and correlation context a writer may put in the row's `headers`.
-#[derive(Debug, Default, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RowHeaders {
-    traceparent: Option<String>,
-    tracestate: Option<String>,
-    correlation_id: Option<String>,
-    causation_id: Option<String>,
-}
-
-/// The envelope's fields besides `data`.
-struct Envelope<'a> {
-    id: &'a str,
-    event_type: &'a str,
-    source: &'a str,
-    schema_version: &'a str,
-    dataschema: &'a str,
-    tenant_id: Option<&'a str>,
-    occurred_at: &'a str,
-    correlation_id: Option<&'a str>,
-    causation_id: Option<&'a str>,
-}
-
-impl Envelope<'_> {
-    /// Writes the envelope JSON with `payload` (already checked to be a JSON
-    /// object) as `data`, byte for byte: parsing the payload a second time
-    /// to embed it would cost as much as the checks did.
-    fn write(&self, out: &mut Vec<u8>, payload: &str) {
-        fn field(out: &mut Vec<u8>, name: &str, value: Option<&str>) {
-            out.extend_from_slice(name.as_bytes());
-            serde_json::to_writer(&mut *out, &value).expect("writing to a Vec cannot fail");
-        }
-        field(out, "{\"id\":", Some(self.id));
-        field(out, ",\"type\":", Some(self.event_type));
-        field(out, ",\"source\":", Some(self.source));
-        field(out, ",\"schemaVersion\":", Some(self.schema_version));
-        field(out, ",\"dataschema\":", Some(self.dataschema));
-        field(out, ",\"tenantId\":", self.tenant_id);
-        field(out, ",\"occurredAt\":", Some(self.occurred_at));
-        out.extend_from_slice(b",\"data\":");
-        out.extend_from_slice(payload.trim_matches(JSON_WHITESPACE).as_bytes());
-        if let Some(v) = self.correlation_id {
-            field(out, ",\"correlationId\":", Some(v));
-        }
-        if let Some(v) = self.causation_id {
-            field(out, ",\"causationId\":", Some(v));
-        }
-        out.push(b'}');
-    }
-}
-
-/// Whitespace JSON allows around a value.
-const JSON_WHITESPACE: &[char] = &[' ', '\t', '\n', '\r'];
-
-/// RFC 3339, UTC, milliseconds: `2026-11-29T13:14:48.123Z`.
-pub fn format_time(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
 /// The payload's top-level fields. Normally raw JSON texts, without building
@@ -346,9 +284,9 @@ pub fn prepare(
     def.check_fields(|field| fields.kind(field))
         .map_err(|e| reject(DlqReason::InvalidPayload, e.to_string()))?;
 
-    let row_headers: RowHeaders = match &row.headers {
+    let row_headers: TraceContext = match &row.headers {
         Some(text) => serde_json::from_str(text).unwrap_or_default(),
-        None => RowHeaders::default(),
+        None => TraceContext::default(),
     };
     let payload_tenant = match row.tenant_id {
         Some(_) => None,
@@ -356,7 +294,7 @@ pub fn prepare(
     };
     let tenant_id = row.tenant_id.as_deref().or(payload_tenant.as_deref());
     let occurred_at = format_time(row.occurred_at);
-    let envelope = Envelope {
+    let envelope = EnvelopeFields {
         id: &row.event_id,
         event_type: &row.event_type,
         source: &def.publisher,
@@ -383,28 +321,28 @@ pub fn prepare(
             });
         }};
     }
-    add!("ce_specversion", CE_SPECVERSION);
-    add!("ce_id", &row.event_id);
-    add!("ce_type", &row.event_type);
-    add!("ce_source", &def.publisher);
-    add!("ce_time", &occurred_at);
-    add!("ce_schemaversion", &def.schema_version);
-    add!("ce_dataschema", &def.dataschema);
-    add!("content-type", "application/json");
+    add!(h::SPECVERSION, CE_SPECVERSION);
+    add!(h::ID, &row.event_id);
+    add!(h::TYPE, &row.event_type);
+    add!(h::SOURCE, &def.publisher);
+    add!(h::TIME, &occurred_at);
+    add!(h::SCHEMAVERSION, &def.schema_version);
+    add!(h::DATASCHEMA, &def.dataschema);
+    add!(h::CONTENT_TYPE, "application/json");
     if let Some(t) = tenant_id {
-        add!("ce_tenantid", t);
+        add!(h::TENANTID, t);
     }
     if let Some(v) = &row_headers.traceparent {
-        add!("traceparent", v);
+        add!(h::TRACEPARENT, v);
     }
     if let Some(v) = &row_headers.tracestate {
-        add!("tracestate", v);
+        add!(h::TRACESTATE, v);
     }
     if let Some(v) = &row_headers.correlation_id {
-        add!("ce_correlationid", v);
+        add!(h::CORRELATIONID, v);
     }
     if let Some(v) = &row_headers.causation_id {
-        add!("ce_causationid", v);
+        add!(h::CAUSATIONID, v);
     }
 
     let size = value.len() + key.len() + header_bytes + RECORD_OVERHEAD;
@@ -701,7 +639,7 @@ mod tests {
             r#"[[[{"a": [1, 2.25]}]]]"#,
         ] {
             let p = with(ok).unwrap_or_else(|e| panic!("{ok}: {}", e.message));
-            let decoded: crate::consumer::Event = serde_json::from_slice(&p.value).unwrap();
+            let decoded: outbox_model::envelope::Event = serde_json::from_slice(&p.value).unwrap();
             let original: Value = serde_json::from_str(ok).unwrap();
             assert_eq!(decoded.data["x"], original, "{ok}");
         }

@@ -5,9 +5,7 @@
 //! ([`relay`], classified by [`failure`]). [`writer`] is the library kernel
 //! services use to enqueue events.
 
-pub mod catalog;
 pub mod config;
-pub mod consumer;
 pub mod dlq;
 pub mod envelope;
 pub mod failure;
@@ -17,12 +15,16 @@ pub mod metrics;
 pub mod privileges;
 pub mod publish;
 pub mod relay;
-pub mod schema;
 pub mod sql;
 pub mod status;
 pub mod tls;
 pub mod topics;
-pub mod writer;
+
+// The crates each audience depends on by itself, under the paths the
+// relay's modules and tests have always used.
+pub use outbox_consumer as consumer;
+pub use outbox_model::{catalog, schema};
+pub use outbox_writer as writer;
 
 /// Months of dedupe partitions kept created ahead of time.
 pub const DEDUPE_MONTHS_AHEAD: i32 = 3;

@@ -214,7 +214,7 @@ fn init_tracing(settings: &Settings) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
-    if settings.log.format == "json" {
+    if settings.log.format == outbox_relay::config::LogFormat::Json {
         builder.json().flatten_event(true).init();
     } else {
         builder.init();

@@ -36,12 +36,7 @@ pub const PRODUCER_QUEUE_BYTES: &str = "outbox_kafka_producer_queue_bytes";
 pub const BROKER_RTT: &str = "outbox_kafka_broker_rtt_seconds";
 pub const LAST_PUBLISH: &str = "outbox_last_publish_timestamp_seconds";
 pub const DB_ERRORS: &str = "outbox_database_errors_total";
-/// Consumer kit: every message by outcome (processed, duplicate, skipped,
-/// failed = one failed handler attempt, parked, invalid, forbidden_source).
-pub const CONSUMER_EVENTS: &str = "outbox_consumer_events_total";
-/// Consumer kit: failed attempts of the event a consumer is retrying now; 0
-/// when it is not retrying. Above a few, the consumer is blocked.
-pub const CONSUMER_RETRYING: &str = "outbox_consumer_retrying_attempts";
+pub use outbox_consumer::metrics::{CONSUMER_EVENTS, CONSUMER_RETRYING};
 
 /// Installs the global recorder and returns the handle that renders `/metrics`.
 pub fn install() -> Result<PrometheusHandle, metrics_exporter_prometheus::BuildError> {
@@ -253,25 +248,4 @@ pub fn broker_rtt(broker: &str, seconds: f64) {
 
 pub fn db_error(source: &str) {
     counter!(DB_ERRORS, "source" => source.to_owned()).increment(1);
-}
-
-/// Help texts of the consumer kit's metrics (a no-op before [`install`]).
-pub fn describe_consumer() {
-    describe_counter!(
-        CONSUMER_EVENTS,
-        "Messages a consumer-kit consumer finished, by event type and outcome."
-    );
-    describe_gauge!(
-        CONSUMER_RETRYING,
-        "Failed attempts of the event a consumer is retrying now (0 = not retrying)."
-    );
-}
-
-pub fn consumer_event(consumer: &str, event_type: &str, outcome: &'static str) {
-    counter!(CONSUMER_EVENTS, "consumer" => consumer.to_owned(), "event_type" => event_type.to_owned(), "outcome" => outcome)
-        .increment(1);
-}
-
-pub fn consumer_retrying(consumer: &str, attempts: u32) {
-    gauge!(CONSUMER_RETRYING, "consumer" => consumer.to_owned()).set(attempts as f64);
 }

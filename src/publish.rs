@@ -131,15 +131,7 @@ impl ClientContext for RelayContext {
     }
 
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        use rdkafka::config::RDKafkaLogLevel::*;
-        match level {
-            Emerg | Alert | Critical | Error => {
-                tracing::error!(target: "librdkafka", facility = fac, "{message}")
-            }
-            Warning => tracing::warn!(target: "librdkafka", facility = fac, "{message}"),
-            Notice | Info => tracing::info!(target: "librdkafka", facility = fac, "{message}"),
-            Debug => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
-        }
+        outbox_consumer::kafka::log(level, None, fac, message);
     }
 }
 
@@ -151,7 +143,7 @@ pub fn producer_config(k: &KafkaSettings) -> ClientConfig {
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("partitioner", "murmur2_random")
-        .set("compression.type", &k.compression)
+        .set("compression.type", k.compression.as_str())
         .set("linger.ms", k.linger_ms.to_string())
         .set("message.timeout.ms", k.message_timeout_ms.to_string())
         .set(
@@ -173,33 +165,7 @@ pub fn producer_config(k: &KafkaSettings) -> ClientConfig {
     c
 }
 
-/// Connection and security properties shared by producer, admin and consumer clients.
-pub fn client_config(k: &KafkaSettings) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &k.brokers)
-        .set("client.id", &k.client_id)
-        .set("security.protocol", &k.security_protocol);
-    if let Some(sasl) = &k.sasl {
-        c.set("sasl.mechanism", &sasl.mechanism)
-            .set("sasl.username", &sasl.username)
-            .set("sasl.password", sasl.password.expose());
-    }
-    if let Some(tls) = &k.tls {
-        if let Some(p) = &tls.ca_location {
-            c.set("ssl.ca.location", p.display().to_string());
-        }
-        if let Some(p) = &tls.certificate_location {
-            c.set("ssl.certificate.location", p.display().to_string());
-        }
-        if let Some(p) = &tls.key_location {
-            c.set("ssl.key.location", p.display().to_string());
-        }
-        if let Some(p) = &tls.key_password {
-            c.set("ssl.key.password", p.expose());
-        }
-    }
-    c
-}
+pub use outbox_consumer::kafka::client_config;
 
 pub fn create_producer(k: &KafkaSettings) -> Result<RelayProducer, KafkaError> {
     producer_config(k).create_with_context(RelayContext::default())

@@ -708,7 +708,9 @@ async fn dedupe_partitions_past_the_horizon_are_dropped_whole_and_dedupe_holds_a
         let consumer = consumer.clone();
         async move {
             let mut conn = consumer.acquire().await.unwrap();
-            sql::mark_processed(&mut conn, "crm", &id).await.unwrap()
+            outbox_relay::consumer::dedupe::mark_processed(&mut conn, "crm", &id)
+                .await
+                .unwrap()
         }
     };
     let old = ulid_at(Utc::now() - chrono::Duration::days(600));

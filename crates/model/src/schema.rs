@@ -286,7 +286,7 @@ mod tests {
     fn kernel() -> (PathBuf, String) {
         let path = PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/config/catalog/kernel.toml"
+            "/../../config/catalog/kernel.toml"
         ));
         let text = std::fs::read_to_string(&path).unwrap();
         (path, text)
@@ -298,7 +298,7 @@ mod tests {
     }
 
     fn temp_dir() -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("schema-{}", crate::writer::new_event_id()));
+        let dir = std::env::temp_dir().join(format!("schema-{}", crate::ids::new_event_id()));
         std::fs::create_dir_all(&dir).unwrap();
         dir
     }

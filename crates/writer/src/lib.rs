@@ -1,10 +1,11 @@
 //! The writer library for kernel services written in Rust: typed structs for
 //! the catalog's events and [`enqueue`], which inserts the outbox row inside
-//! the caller's own transaction.
+//! the caller's own transaction. It needs sqlx (PostgreSQL) and the model
+//! crate only: no Kafka client.
 //!
 //! ```no_run
 //! # async fn demo(pool: sqlx::PgPool) -> Result<(), Box<dyn std::error::Error>> {
-//! use outbox_relay::writer::{enqueue, UserCreated};
+//! use outbox_writer::{enqueue, UserCreated};
 //! let mut tx = pool.begin().await?;
 //! // ... the service's own writes ...
 //! let event_id = enqueue(&mut tx, &UserCreated {
@@ -31,18 +32,8 @@ pub trait Event: Serialize {
 
 /// Trace and correlation context stored in the row's `headers` column and
 /// carried to Kafka headers and the envelope.
-#[derive(Debug, Clone, Default, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Context {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub traceparent: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tracestate: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub correlation_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub causation_id: Option<String>,
-}
+pub use outbox_model::envelope::TraceContext as Context;
+pub use outbox_model::new_event_id;
 
 /// Options for [`enqueue_with`].
 #[derive(Debug, Clone, Default)]
@@ -53,11 +44,6 @@ pub struct Options {
     /// Overrides the event's own tenant.
     pub tenant_id: Option<String>,
     pub context: Option<Context>,
-}
-
-/// A new lowercase ULID, the spelling the outbox uses.
-pub fn new_event_id() -> String {
-    ulid::Ulid::new().to_string().to_ascii_lowercase()
 }
 
 /// Inserts `event` into the outbox on the caller's connection (normally
@@ -80,7 +66,7 @@ pub async fn enqueue_with<E: Event>(
         .context
         .map(|c| serde_json::to_value(c).map_err(|e| sqlx::Error::Encode(Box::new(e))))
         .transpose()?;
-    crate::sql::insert_event(
+    insert_event(
         conn,
         &event_id,
         E::EVENT_TYPE,
@@ -90,6 +76,31 @@ pub async fn enqueue_with<E: Event>(
     )
     .await?;
     Ok(event_id)
+}
+
+/// No RETURNING and no conflict target: both need SELECT, and a writer role
+/// has INSERT privilege only. The only unique key a writer can hit is the
+/// event id (the ordering id is generated), so a repeated insert is a no-op.
+async fn insert_event(
+    conn: &mut PgConnection,
+    event_id: &str,
+    event_type: &str,
+    tenant_id: Option<&str>,
+    payload: serde_json::Value,
+    headers: Option<serde_json::Value>,
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "INSERT INTO outbox (event_id, event_type, tenant_id, payload, headers) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+    )
+    .bind(event_id)
+    .bind(event_type)
+    .bind(tenant_id)
+    .bind(payload)
+    .bind(headers)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 macro_rules! events {
@@ -165,7 +176,7 @@ events! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::Catalog;
+    use outbox_model::catalog::Catalog;
     use std::path::PathBuf;
 
     /// Every typed struct serializes to a payload the catalog accepts, so the
@@ -174,7 +185,7 @@ mod tests {
     fn typed_events_match_the_catalog() {
         let catalog = Catalog::load(&[PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/config/catalog/kernel.toml"
+            "/../../config/catalog/kernel.toml"
         ))])
         .unwrap();
         fn check<E: Event>(catalog: &Catalog, e: E) -> &'static str {

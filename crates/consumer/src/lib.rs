@@ -20,10 +20,13 @@
 //!   happens after repeated failure is [`FailurePolicy`];
 //! * it has no publish API: kernel events are read-only for modules.
 //!
+//! It depends on the model crate, rdkafka and sqlx; not on the relay, its
+//! configuration loader or its metrics exporter.
+//!
 //! ```no_run
-//! # async fn demo(pool: sqlx::PgPool, catalog: std::sync::Arc<outbox_relay::catalog::Catalog>,
-//! #               kafka: outbox_relay::config::KafkaSettings) -> Result<(), Box<dyn std::error::Error>> {
-//! use outbox_relay::consumer::{Consumer, ConsumerSettings, Manifest};
+//! # async fn demo(pool: sqlx::PgPool, catalog: std::sync::Arc<outbox_model::catalog::Catalog>,
+//! #               kafka: outbox_consumer::kafka::KafkaSettings) -> Result<(), Box<dyn std::error::Error>> {
+//! use outbox_consumer::{Consumer, ConsumerSettings, Manifest};
 //! let manifest = Manifest::load("module.manifest.json")?;
 //! let settings = ConsumerSettings::new(&manifest.name, kafka);
 //! let mut consumer = Consumer::new(&manifest, catalog, pool, settings)?;
@@ -47,7 +50,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
-use chrono::{DateTime, Utc};
 use futures::future::BoxFuture;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
@@ -55,17 +57,20 @@ use rdkafka::consumer::{
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{ClientContext, TopicPartitionList};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::Catalog;
-use crate::config::KafkaSettings;
-use crate::metrics;
-use crate::publish::client_config;
-use crate::sql;
+pub mod dedupe;
+pub mod kafka;
+pub mod metrics;
+
+pub use outbox_model::envelope::{Delivery, Event};
+
+use crate::dedupe as sql;
+use crate::kafka::{client_config, KafkaSettings};
+use outbox_model::catalog::Catalog;
 
 /// The error a handler returns; any error type converts with `?`.
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
@@ -167,43 +172,6 @@ impl Manifest {
     }
 }
 
-/// A decoded Event Model envelope, as the relay produced it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Event {
-    pub id: String,
-    #[serde(rename = "type")]
-    pub event_type: String,
-    /// The catalog publisher that wrote it (checked against the catalog).
-    pub source: String,
-    pub schema_version: String,
-    pub tenant_id: Option<String>,
-    pub occurred_at: DateTime<Utc>,
-    pub data: Value,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub correlation_id: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub causation_id: Option<String>,
-    /// Where the message was read from; not part of the envelope.
-    #[serde(skip)]
-    pub delivery: Delivery,
-}
-
-/// Kafka coordinates of a delivered event.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Delivery {
-    pub topic: String,
-    pub partition: i32,
-    pub offset: i64,
-}
-
-impl Event {
-    /// The payload as a typed struct, e.g. [`crate::writer::UserCreated`].
-    pub fn data_as<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
-        T::deserialize(&self.data)
-    }
-}
-
 /// What happens to an event whose handler keeps failing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailurePolicy {
@@ -230,14 +198,34 @@ pub struct ConsumerSettings {
     /// Brokers, security and `topic_prefix` (the producer-only fields and the
     /// producer passthrough map are not used).
     pub kafka: KafkaSettings,
-    /// Where a new consumer group starts: `earliest` or `latest`.
-    pub auto_offset_reset: String,
+    /// Where a new consumer group starts.
+    pub auto_offset_reset: OffsetReset,
     pub retry_min_ms: u64,
     pub retry_max_ms: u64,
     pub on_failure: FailurePolicy,
     /// Extra librdkafka consumer properties (e.g. `session.timeout.ms`).
     /// Commit behaviour is the kit's and cannot be set here.
     pub librdkafka: BTreeMap<String, String>,
+}
+
+/// Where a consumer group without committed offsets starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OffsetReset {
+    /// From the oldest retained event: a new module sees history.
+    Earliest,
+    /// Only events published after it first joined.
+    Latest,
+}
+
+impl OffsetReset {
+    /// librdkafka's `auto.offset.reset` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OffsetReset::Earliest => "earliest",
+            OffsetReset::Latest => "latest",
+        }
+    }
 }
 
 /// librdkafka properties the kit owns: the exactly-once effect depends on them.
@@ -255,7 +243,7 @@ impl ConsumerSettings {
             name: name.to_string(),
             group_id: name.to_string(),
             kafka,
-            auto_offset_reset: "earliest".into(),
+            auto_offset_reset: OffsetReset::Earliest,
             retry_min_ms: 200,
             retry_max_ms: 30_000,
             on_failure: FailurePolicy::Block,
@@ -273,9 +261,6 @@ impl ConsumerSettings {
         }
         if self.group_id.trim().is_empty() {
             return Err(invalid("group_id", "is empty"));
-        }
-        if !matches!(self.auto_offset_reset.as_str(), "earliest" | "latest") {
-            return Err(invalid("auto_offset_reset", "must be earliest or latest"));
         }
         if self.retry_min_ms == 0 || self.retry_max_ms < self.retry_min_ms {
             return Err(invalid(
@@ -587,7 +572,10 @@ impl Consumer {
         c.set("group.id", &self.settings.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", &self.settings.auto_offset_reset);
+            .set(
+                "auto.offset.reset",
+                self.settings.auto_offset_reset.as_str(),
+            );
         for (key, value) in &self.settings.librdkafka {
             c.set(key, value);
         }
@@ -850,21 +838,7 @@ struct KitContext {
 
 impl ClientContext for KitContext {
     fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
-        use rdkafka::config::RDKafkaLogLevel::*;
-        match level {
-            Emerg | Alert | Critical | Error => {
-                tracing::error!(target: "librdkafka", consumer = %self.consumer, facility = fac, "{message}")
-            }
-            Warning => {
-                tracing::warn!(target: "librdkafka", consumer = %self.consumer, facility = fac, "{message}")
-            }
-            Notice | Info => {
-                tracing::info!(target: "librdkafka", consumer = %self.consumer, facility = fac, "{message}")
-            }
-            Debug => {
-                tracing::debug!(target: "librdkafka", consumer = %self.consumer, facility = fac, "{message}")
-            }
-        }
+        kafka::log(level, Some(&self.consumer), fac, message);
     }
 }
 
@@ -899,7 +873,7 @@ mod tests {
     fn catalog() -> Arc<Catalog> {
         let path = PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/config/catalog/kernel.toml"
+            "/../../config/catalog/kernel.toml"
         ));
         Arc::new(Catalog::load(&[path]).unwrap())
     }
@@ -914,13 +888,13 @@ mod tests {
         assert_eq!(e.tenant_id, None);
         assert_eq!(e.correlation_id, None);
         assert_eq!(e.occurred_at.timestamp_millis() % 1000, 123);
-        let typed: crate::writer::WalletCredited = e.data_as().unwrap();
+        let typed: outbox_writer::WalletCredited = e.data_as().unwrap();
         assert_eq!(typed.amount_cents, 5);
     }
 
     #[tokio::test]
     async fn owned_librdkafka_keys_are_refused() {
-        let mut s = ConsumerSettings::new("m", crate::config::Settings::default().kafka);
+        let mut s = ConsumerSettings::new("m", KafkaSettings::default());
         s.librdkafka
             .insert("enable.auto.commit".into(), "true".into());
         let pool = sqlx::PgPool::connect_lazy("postgres://localhost/x").unwrap();

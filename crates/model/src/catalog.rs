@@ -653,7 +653,7 @@ mod tests {
     fn kernel() -> (PathBuf, String) {
         let path = PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/config/catalog/kernel.toml"
+            "/../../config/catalog/kernel.toml"
         ));
         let text = std::fs::read_to_string(&path).unwrap();
         (path, text)
