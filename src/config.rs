@@ -36,6 +36,7 @@ impl ConfigError {
     }
 }
 
+use outbox_consumer::kafka::CONNECTION_KEYS;
 pub use outbox_consumer::kafka::{
     Compression, KafkaSettings, SaslMechanism, SaslSettings, SecurityProtocol, TlsSettings,
 };
@@ -226,25 +227,14 @@ impl Default for Settings {
     }
 }
 
-/// librdkafka properties that typed settings own; the passthrough map may not
-/// set them, so that nobody silently disables idempotence or acks=all.
-const OWNED_LIBRDKAFKA_KEYS: &[(&str, &str)] = &[
-    ("bootstrap.servers", "kafka.brokers"),
-    ("metadata.broker.list", "kafka.brokers"),
-    ("client.id", "kafka.client_id"),
+/// librdkafka properties of the relay's producer that typed settings own
+/// besides the connection's ([`CONNECTION_KEYS`]); the passthrough map may
+/// not set them, so that nobody silently disables idempotence or acks=all.
+const PRODUCER_KEYS: &[(&str, &str)] = &[
     ("enable.idempotence", "(always true)"),
     ("acks", "(always all)"),
     ("request.required.acks", "(always all)"),
     ("partitioner", "(always murmur2_random)"),
-    ("security.protocol", "kafka.security_protocol"),
-    ("sasl.mechanism", "kafka.sasl.mechanism"),
-    ("sasl.mechanisms", "kafka.sasl.mechanism"),
-    ("sasl.username", "kafka.sasl.username"),
-    ("sasl.password", "kafka.sasl.password"),
-    ("ssl.ca.location", "kafka.tls.ca_location"),
-    ("ssl.certificate.location", "kafka.tls.certificate_location"),
-    ("ssl.key.location", "kafka.tls.key_location"),
-    ("ssl.key.password", "kafka.tls.key_password"),
     ("compression.type", "kafka.compression"),
     ("compression.codec", "kafka.compression"),
     ("linger.ms", "kafka.linger_ms"),
@@ -360,7 +350,8 @@ impl Settings {
             ));
         }
         for key in self.kafka.librdkafka.keys() {
-            if let Some((_, owner)) = OWNED_LIBRDKAFKA_KEYS.iter().find(|(k, _)| k == key) {
+            let mut owned = CONNECTION_KEYS.iter().chain(PRODUCER_KEYS);
+            if let Some((_, owner)) = owned.find(|(k, _)| k == key) {
                 return Err(ConfigError::invalid(
                     format!("kafka.librdkafka.\"{key}\""),
                     format!("conflicts with a typed setting; use {owner} instead"),
@@ -539,7 +530,7 @@ impl Settings {
 
     /// The full Kafka topic name for a catalog topic.
     pub fn topic_name(&self, catalog_topic: &str) -> String {
-        format!("{}{}", self.kafka.topic_prefix, catalog_topic)
+        self.kafka.topic(catalog_topic)
     }
 }
 

@@ -359,7 +359,7 @@ pub fn prepare(
         vpartition: row.vpartition,
         event_id: row.event_id.clone(),
         def: def.clone(),
-        topic: format!("{topic_prefix}{}", def.topic),
+        topic: outbox_consumer::kafka::prefixed(topic_prefix, &def.topic),
         key,
         value,
         headers: Some(headers),

@@ -133,6 +133,19 @@ impl Default for KafkaSettings {
     }
 }
 
+impl KafkaSettings {
+    /// The Kafka topic of a catalog topic under this `topic_prefix`.
+    pub fn topic(&self, catalog_topic: &str) -> String {
+        prefixed(&self.topic_prefix, catalog_topic)
+    }
+}
+
+/// The Kafka topic of a catalog topic: `topic_prefix` + its name
+/// (`staging.` + `platform.auth.events`).
+pub fn prefixed(topic_prefix: &str, catalog_topic: &str) -> String {
+    format!("{topic_prefix}{catalog_topic}")
+}
+
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SaslSettings {
@@ -149,6 +162,23 @@ pub struct TlsSettings {
     pub key_location: Option<PathBuf>,
     pub key_password: Option<Secret>,
 }
+
+/// The librdkafka properties [`client_config`] sets (and their aliases),
+/// with the setting that owns each: no passthrough map may set them.
+pub const CONNECTION_KEYS: &[(&str, &str)] = &[
+    ("bootstrap.servers", "kafka.brokers"),
+    ("metadata.broker.list", "kafka.brokers"),
+    ("client.id", "kafka.client_id"),
+    ("security.protocol", "kafka.security_protocol"),
+    ("sasl.mechanism", "kafka.sasl.mechanism"),
+    ("sasl.mechanisms", "kafka.sasl.mechanism"),
+    ("sasl.username", "kafka.sasl.username"),
+    ("sasl.password", "kafka.sasl.password"),
+    ("ssl.ca.location", "kafka.tls.ca_location"),
+    ("ssl.certificate.location", "kafka.tls.certificate_location"),
+    ("ssl.key.location", "kafka.tls.key_location"),
+    ("ssl.key.password", "kafka.tls.key_password"),
+];
 
 /// Connection and security properties shared by producer, admin and consumer clients.
 pub fn client_config(k: &KafkaSettings) -> ClientConfig {
@@ -254,6 +284,19 @@ mod tests {
     }
 
     #[test]
+    fn a_topic_prefix_is_prepended() {
+        let k = KafkaSettings {
+            topic_prefix: "staging.".into(),
+            ..KafkaSettings::default()
+        };
+        assert_eq!(
+            k.topic("platform.auth.events"),
+            "staging.platform.auth.events"
+        );
+        assert_eq!(KafkaSettings::default().topic("t"), "t");
+    }
+
+    #[test]
     fn secrets_reach_librdkafka_but_not_debug_output() {
         let k = KafkaSettings {
             security_protocol: SecurityProtocol::SaslSsl,
@@ -269,5 +312,11 @@ mod tests {
         assert_eq!(c.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
         assert!(!format!("{k:?}").contains("s3cret"));
+        for key in c.config_map().keys() {
+            assert!(
+                CONNECTION_KEYS.iter().any(|(k, _)| k == key),
+                "{key} is set by client_config but not protected"
+            );
+        }
     }
 }

@@ -234,7 +234,6 @@ const OWNED_CONSUMER_KEYS: &[&str] = &[
     "enable.auto.commit",
     "enable.auto.offset.store",
     "auto.offset.reset",
-    "bootstrap.servers",
 ];
 
 impl ConsumerSettings {
@@ -271,15 +270,19 @@ impl ConsumerSettings {
         if self.on_failure == (FailurePolicy::Park { after_attempts: 0 }) {
             return Err(invalid("on_failure", "Park needs at least 1 attempt"));
         }
-        if let Some(key) = self
-            .librdkafka
-            .keys()
-            .find(|k| OWNED_CONSUMER_KEYS.contains(&k.as_str()))
-        {
-            return Err(ConsumerError::Invalid {
-                key: "librdkafka",
-                message: format!("`{key}` is set by the consumer kit"),
-            });
+        for key in self.librdkafka.keys() {
+            if OWNED_CONSUMER_KEYS.contains(&key.as_str()) {
+                return Err(ConsumerError::Invalid {
+                    key: "librdkafka",
+                    message: format!("`{key}` is set by the consumer kit"),
+                });
+            }
+            if let Some((_, owner)) = kafka::CONNECTION_KEYS.iter().find(|(k, _)| k == key) {
+                return Err(ConsumerError::Invalid {
+                    key: "librdkafka",
+                    message: format!("`{key}` is set from {owner}; set that instead"),
+                });
+            }
         }
         Ok(())
     }
@@ -502,7 +505,7 @@ impl Consumer {
             .handlers
             .keys()
             .filter_map(|t| self.catalog.get(t))
-            .map(|def| format!("{}{}", self.settings.kafka.topic_prefix, def.topic))
+            .map(|def| self.settings.kafka.topic(&def.topic))
             .collect();
         topics.into_iter().collect()
     }
@@ -906,6 +909,23 @@ mod tests {
         assert_eq!(
             err,
             "consumer setting `librdkafka`: `enable.auto.commit` is set by the consumer kit"
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_keys_are_refused_naming_the_setting_that_owns_them() {
+        let mut s = ConsumerSettings::new("m", KafkaSettings::default());
+        s.librdkafka
+            .insert("sasl.password".into(), "hunter2".into());
+        let pool = sqlx::PgPool::connect_lazy("postgres://localhost/x").unwrap();
+        let manifest = Manifest::parse("m.json", r#"{"name": "m"}"#).unwrap();
+        let err = Consumer::new(&manifest, catalog(), pool, s)
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            err,
+            "consumer setting `librdkafka`: `sasl.password` is set from kafka.sasl.password; set that instead"
         );
     }
 
