@@ -15,7 +15,6 @@
 //! Takes about two minutes: `cargo test --test observability -- --nocapture`
 //! prints the table of panels and alerts.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -24,7 +23,7 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
 // Keep in step with scripts/test.sh (it stops this broker after the suite).

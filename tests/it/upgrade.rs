@@ -13,7 +13,6 @@
 //! file with `git show <commit>:migrations/<file>`); these tests then target
 //! it, and the older fixtures stay as the record.
 
-mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -21,7 +20,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use outbox_relay::config::Secret;
 use outbox_relay::consumer::{Consumer, ConsumerSettings, Manifest};
 use outbox_relay::sql::{self, DlqFilter};

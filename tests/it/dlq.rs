@@ -4,14 +4,13 @@
 //! relay relays and dead-letters, the admin repairs, replays and purges, the
 //! consumer kit dedupes.
 
-mod common;
 
 use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Utc};
-use common::*;
+use crate::common::*;
 use outbox_relay::consumer::{Consumer, ConsumerSettings, Manifest};
 use outbox_relay::dlq::RepairError;
 use outbox_relay::sql::{self, DlqFilter, Repair};

@@ -12,7 +12,6 @@
 //! broker cannot be made to return the error: a topic authorization failure
 //! and an error of unknown class.
 
-mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
@@ -20,7 +19,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use common::*;
+use crate::common::*;
 use outbox_relay::catalog::Catalog;
 use outbox_relay::failure::{self, DbClass};
 use outbox_relay::relay::{BatchReport, Outcome};

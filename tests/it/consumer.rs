@@ -4,7 +4,6 @@
 //! handlers, and the manifest's 403 rules — in the library and in the
 //! example consumer binary.
 
-mod common;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -13,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use outbox_relay::consumer::{

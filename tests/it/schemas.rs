@@ -5,13 +5,12 @@
 //! `jsonschema`), and `catalog check` refuses a change that breaks the
 //! published schemas within a major version.
 
-mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{example_payload, TestEnv};
+use crate::common::{example_payload, TestEnv};
 use serde_json::{json, Value};
 
 fn relay() -> Command {

@@ -6,13 +6,12 @@
 //! certificate each stop start-up with an error naming the setting. The
 //! relay's PostgreSQL connections use `sslmode=verify-full` throughout.
 
-mod common;
 
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 // Keep in step with scripts/tls-env.sh.
 const STATE_DIR: &str = "/var/tmp/outbox-relay-tls";

@@ -8,13 +8,12 @@
 //! `metrics_move_as_events_are_published_retried_and_dead_lettered` publishes
 //! in this process: the unlabelled histograms are then its alone.
 
-mod common;
 
 use std::collections::BTreeMap;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use outbox_relay::config::{Secret, Settings};
 use outbox_relay::topics;
 use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
