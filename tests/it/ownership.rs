@@ -5,7 +5,6 @@
 //! Relays and writers run as the documented login roles; the superuser only
 //! plays the stalled owner (an open transaction holding row locks).
 
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 

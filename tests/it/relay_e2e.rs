@@ -2,7 +2,6 @@
 //! from a plain SQL insert to a message on its topic, partitioning, commit
 //! visibility, and shutdown.
 
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 

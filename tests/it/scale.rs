@@ -1,7 +1,6 @@
 //! Several relay processes on one outbox: per-key order, bounded failover,
 //! lease fencing, and several source databases in one process.
 
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,6 @@
 //! services would use: who may publish what, what each group role may touch,
 //! and what the relay does with a row that bypassed the trigger.
 
-
 use std::time::Duration;
 
 use crate::common::*;
