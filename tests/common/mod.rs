@@ -2,6 +2,11 @@
 //! and its own topic prefix (topics created through `topics::ensure`) on the
 //! local Postgres and Kafka that `scripts/services.sh up` starts, and reads
 //! back through a real Kafka consumer.
+//!
+//! The one set of helpers of every test binary (`tests/it`, `tests/faults.rs`,
+//! `tests/cluster.rs`, `tests/image.rs`): the environment here, running the
+//! `outbox-relay` binary and the scripts in `process`, the HTTP endpoints and
+//! the Prometheus text format in `metrics`.
 #![allow(dead_code)]
 
 mod metrics;
