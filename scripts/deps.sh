@@ -2,7 +2,7 @@
 # System packages the build and the checks need, installed only when missing.
 #   libcurl4-openssl-dev: librdkafka 2.12's sources include curl headers even when built without it.
 #   prometheus: promtool validates deploy/prometheus rules; the dashboard and alert
-#     tests (tests/observability.rs) run its server against a real relay.
+#     tests (tests/it/observability.rs) run its server against a real relay.
 #   python3-jsonschema: the independent JSON Schema validator that checks every
 #     published event against `outbox-relay catalog schema` (scripts/validate-events.py).
 #   openssl: certificates for the TLS/SASL tests (scripts/tls.sh).

@@ -15,36 +15,51 @@ eval "$(bash scripts/services.sh env)"
 # Each test makes its own database and topics; left to pile up they slow every
 # later broker start (see scripts/sweep.sh).
 bash scripts/sweep.sh
-# tests/faults.rs starts its own PostgreSQL and Kafka (ports and state
-# directory below) so that it can stop and kill them; they go when the suite ends.
+# tests/faults.rs starts its own PostgreSQL and Kafka (state directory and
+# ports in scripts/faults.env) so that it can stop and kill them; they go when
+# the suite ends.
 faults_down() {
-  OUTBOX_STATE_DIR=/var/tmp/outbox-relay-faults OUTBOX_PG_PORT=55442 \
-    OUTBOX_KAFKA_PORT=19102 OUTBOX_KAFKA_CONTROLLER_PORT=19103 \
-    bash scripts/services.sh down >/dev/null 2>&1 || true
-  # Only a stopped server's files may go: deleted under a running one, the
-  # next run would find its port taken and no pid file to stop it by.
-  if tcp_open 127.0.0.1 55442 || tcp_open 127.0.0.1 19102; then
-    log "the fault tests' services are still running; keeping /var/tmp/outbox-relay-faults"
-  else
-    rm -rf /var/tmp/outbox-relay-faults
-  fi
+  bash scripts/faults-env.sh down >/dev/null 2>&1 || true
+  (
+    set -a
+    # shellcheck source-path=SCRIPTDIR source=faults.env
+    source scripts/faults.env
+    # Only a stopped server's files may go: deleted under a running one, the
+    # next run would find its port taken and no pid file to stop it by.
+    if tcp_open 127.0.0.1 "$OUTBOX_PG_PORT" || tcp_open 127.0.0.1 "$OUTBOX_KAFKA_PORT"; then
+      log "the fault tests' services are still running; keeping $OUTBOX_STATE_DIR"
+    else
+      rm -rf "$OUTBOX_STATE_DIR"
+    fi
+  )
 }
 # tests/cluster.rs starts a three-broker cluster (scripts/cluster.sh); it goes too.
 cluster_down() {
   bash scripts/cluster.sh destroy >/dev/null 2>&1 ||
     log "the test cluster did not stop; see 'bash scripts/cluster.sh status'"
 }
-# tests/observability.rs stops a broker of its own (scripts/kafka.sh with the
-# state directory and ports below, as in the test).
+# The observability tests (tests/it/observability.rs) stop a broker of their
+# own (scripts/kafka.sh with the state directory and ports of
+# scripts/observability.env).
 obs_down() {
-  OUTBOX_STATE_DIR=/var/tmp/outbox-relay-obs OUTBOX_KAFKA_PORT=19142 \
-    OUTBOX_KAFKA_CONTROLLER_PORT=19143 bash scripts/kafka.sh down >/dev/null 2>&1 || true
-  tcp_open 127.0.0.1 19142 || rm -rf /var/tmp/outbox-relay-obs
+  (
+    set -a
+    # shellcheck source-path=SCRIPTDIR source=observability.env
+    source scripts/observability.env
+    bash scripts/kafka.sh down >/dev/null 2>&1 || true
+    tcp_open 127.0.0.1 "$OUTBOX_KAFKA_PORT" || rm -rf "$OUTBOX_STATE_DIR"
+  )
 }
-# tests/tls.rs runs the TLS/SASL broker of scripts/tls-env.sh.
+# The TLS tests (tests/it/tls.rs) run the TLS/SASL broker of scripts/tls-env.sh
+# (scripts/tls.env).
 tls_down() {
   bash scripts/tls-env.sh down >/dev/null 2>&1 || true
-  tcp_open 127.0.0.1 19152 || rm -rf /var/tmp/outbox-relay-tls
+  (
+    set -a
+    # shellcheck source-path=SCRIPTDIR source=tls.env
+    source scripts/tls.env
+    tcp_open 127.0.0.1 "$OUTBOX_KAFKA_PORT" || rm -rf "$OUTBOX_STATE_DIR"
+  )
 }
 trap 'bash scripts/sweep.sh || true; faults_down; cluster_down; obs_down; tls_down' EXIT
 
@@ -59,6 +74,10 @@ if [[ -f deploy/prometheus/alerts.yml ]]; then
   promtool check rules deploy/prometheus/alerts.yml
 fi
 log "cargo test"
+# The integration tests are one binary, tests/it (one module per area; run
+# one with e.g. `cargo test --test it security::`), plus tests/faults.rs and
+# tests/cluster.rs, which run services of their own, and tests/image.rs
+# (ignored here, run below).
 # Every event a test reads back from Kafka is recorded here and checked
 # against its JSON Schema after the suite (tests/common/mod.rs).
 export OUTBOX_TEST_EVENT_LOG="${OUTBOX_STATE_DIR:-/var/tmp/outbox-relay}/published-events"

@@ -1,7 +1,7 @@
 //! The privilege matrix: what each group role may do to each table, column
 //! and function of the outbox schema, declared once.
 //!
-//! The migrations grant exactly this; `tests/security.rs` checks it two ways
+//! The migrations grant exactly this; `tests/it/security.rs` checks it two ways
 //! (PostgreSQL's `has_*_privilege` over every object of the schema, and an
 //! attempt of every operation as a login member of each group), so a later
 //! migration that adds a column or a function cannot silently break the

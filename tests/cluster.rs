@@ -11,7 +11,7 @@
 //! stream is inserted by a mapped `outbox_writer` role, and a plain Kafka
 //! consumer reads everything back. The database is on the shared
 //! PostgreSQL; the cluster is this binary's own (other ports, its own state
-//! directory), so other test binaries never see a broker go away. It stays
+//! directory), so other tests never see a broker go away. It stays
 //! up afterwards; `bash scripts/cluster.sh destroy` (or the end of
 //! scripts/test.sh) removes it.
 //!
@@ -21,15 +21,11 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
@@ -56,34 +52,11 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 /// Runs `scripts/cluster.sh ARGS` and returns its stdout and how long it took.
 fn cluster(args: &[&str]) -> (String, Duration) {
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg("scripts/cluster.sh")
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("running scripts/cluster.sh");
-    assert!(
-        out.status.success(),
-        "scripts/cluster.sh {} failed:\n{}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (
-        String::from_utf8_lossy(&out.stdout).trim().to_string(),
-        started.elapsed(),
-    )
+    script("cluster.sh", args, &[])
 }
 
 async fn cluster_async(args: &[&str]) -> Duration {
-    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        cluster(&args).1
-    })
-    .await
-    .unwrap()
+    script_async("cluster.sh", args, &[]).await
 }
 
 /// Deletes a test's topics: every partition left on the cluster is loaded
@@ -194,64 +167,6 @@ fn busiest_partition(bootstrap: &str, topic: &str) -> i32 {
         .unwrap()
 }
 
-// ------------------------------------------------------------------ relay
-
-/// The `outbox-relay run` binary, its JSON log collected line by line.
-struct RelayProcess {
-    child: Spawned,
-    logs: Arc<Mutex<Vec<String>>>,
-}
-
-impl RelayProcess {
-    fn start(env: &TestEnv, extra: &[(&str, &str)]) -> RelayProcess {
-        let mut vars = vec![("OUTBOX_RELAY_LOG__FORMAT", "json")];
-        vars.extend_from_slice(extra);
-        let mut child = env.spawn_process(&vars);
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        // Drained continuously: a full pipe would block the relay's logging.
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                sink.lock().unwrap().push(line);
-            }
-        });
-        RelayProcess { child, logs }
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn lines_containing(&self, needle: &str) -> usize {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|l| l.contains(needle))
-            .count()
-    }
-
-    fn tail(&self, n: usize) -> String {
-        let logs = self.logs.lock().unwrap();
-        logs[logs.len().saturating_sub(n)..].join("\n")
-    }
-
-    /// SIGTERM, then waits up to a minute for a clean exit.
-    fn sigterm(mut self) -> std::process::ExitStatus {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM).unwrap();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < deadline, "the relay exits after SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
 // ------------------------------------------------------------------ writer
 
 /// One written event: its id, key, sequence number within the key, and the
@@ -359,31 +274,24 @@ struct Published {
     thread: std::thread::JoinHandle<()>,
 }
 
-fn scrape(addr: &str) -> Option<f64> {
-    use std::io::{Read, Write};
-    let mut conn = std::net::TcpStream::connect(addr).ok()?;
-    conn.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
-    conn.write_all(b"GET /metrics HTTP/1.0\r\nHost: relay\r\n\r\n")
-        .ok()?;
-    let mut body = String::new();
-    conn.read_to_string(&mut body).ok()?;
-    let total = body
-        .lines()
-        .filter(|l| l.starts_with("outbox_events_published_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    Some(total)
+/// The relay's `outbox_events_published_total`, summed over its series.
+async fn published_total(port: u16) -> Option<f64> {
+    let (_, body) = tokio::time::timeout(Duration::from_secs(2), get(port, "/metrics"))
+        .await
+        .ok()??;
+    Some(sum(&body, "outbox_events_published_total", &[]))
 }
 
 impl Published {
-    fn start(addr: String) -> Published {
+    fn start(port: u16) -> Published {
+        let runtime = tokio::runtime::Handle::current();
         let samples = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::spawn({
             let (samples, stop) = (samples.clone(), stop.clone());
             move || {
                 while !stop.load(Ordering::Relaxed) {
-                    if let Some(total) = scrape(&addr) {
+                    if let Some(total) = runtime.block_on(published_total(port)) {
                         samples.lock().unwrap().push((Instant::now(), total));
                     }
                     std::thread::sleep(Duration::from_millis(100));
@@ -542,10 +450,6 @@ fn outcomes(written: &[Written], got: &[Received], phases: usize) -> Vec<PhaseOu
     out
 }
 
-fn secs(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
-}
-
 // ------------------------------------------------------------------ tests
 
 /// The CLI's report on a three-broker cluster: the defaults give three
@@ -557,11 +461,9 @@ async fn topics_ensure_on_three_brokers_replicates_and_reports_min_insync_drift(
     let (_serial, bootstrap) = exclusive().await;
     let prefix = format!("o{}.", unique());
     let ensure = |extra: &[&str]| {
-        let out = Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        let out = relay_command()
             .args(["topics", "ensure", "--json"])
             .args(extra)
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("OUTBOX_RELAY_CONFIG", "/dev/null")
             .env("OUTBOX_RELAY_KAFKA__BROKERS", &bootstrap)
             .env("OUTBOX_RELAY_KAFKA__TOPIC_PREFIX", &prefix)
             .env(
@@ -659,10 +561,8 @@ async fn broker_kills_and_a_rolling_restart_lose_nothing_and_keep_per_key_order(
     wait_isr_full(&bootstrap, &topic, Duration::from_secs(60)).await;
 
     let reader = Reader::start(&bootstrap, &topic);
-    let metrics_addr = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().to_string()
-    };
+    let metrics_port = free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
     // kafka.message_timeout_ms above the time the cluster takes to move a
     // dead broker's leaderships (broker.session.timeout.ms, 9 s, plus the
     // election and, on a busy machine, much more): within it librdkafka's
@@ -675,7 +575,7 @@ async fn broker_kills_and_a_rolling_restart_lose_nothing_and_keep_per_key_order(
             ("OUTBOX_RELAY_KAFKA__MESSAGE_TIMEOUT_MS", MESSAGE_TIMEOUT_MS),
         ],
     );
-    let published = Published::start(metrics_addr.clone());
+    let published = Published::start(metrics_port);
     let publisher = env.catalog.get(EVENT_TYPE).unwrap().publisher.clone();
     let writer = Writer::start(env.writer(&publisher).await);
 

@@ -4,8 +4,8 @@
 //!
 //! They stop and start services, so they run on their own Postgres and Kafka
 //! (started here through scripts/services.sh with another state directory
-//! and other ports, the ones of scripts/faults-env.sh), never on the shared
-//! ones other test binaries use, and one at a time (cargo runs a binary's
+//! and other ports, the ones of scripts/faults.env), never on the shared
+//! ones the other tests use, and one at a time (cargo runs a binary's
 //! tests in parallel). The services stay up afterwards for the next run;
 //! `bash scripts/faults-env.sh down` stops them.
 //!
@@ -19,26 +19,17 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
-use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
-// Keep in step with scripts/faults-env.sh.
-const STATE_DIR: &str = "/var/tmp/outbox-relay-faults";
-const PG_PORT: u16 = 55442;
-const KAFKA_PORT: u16 = 19102;
-const KAFKA_CONTROLLER_PORT: u16 = 19103;
 const TOPIC: &str = "platform.notify.events";
 const EVENT_TYPE: &str = "notify.notification.sent";
 /// Partition keys of the stream; per-key order is checked on these.
@@ -47,39 +38,29 @@ const KEYS: usize = 32;
 /// One disruptive test at a time: they share the dedicated services.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// The dedicated services' state directory and ports (scripts/faults.env,
+/// which scripts/faults-env.sh and scripts/test.sh read too).
+fn services_env() -> Vec<(String, String)> {
+    env_file(include_str!("../scripts/faults.env"))
+}
+
 /// The dedicated server's superuser (creating the test database only).
 fn superuser_url() -> String {
-    format!("postgres://postgres@127.0.0.1:{PG_PORT}/postgres")
+    let port = env_value(&services_env(), "OUTBOX_PG_PORT");
+    format!("postgres://postgres@127.0.0.1:{port}/postgres")
 }
 
 fn kafka() -> String {
-    format!("127.0.0.1:{KAFKA_PORT}")
+    format!(
+        "127.0.0.1:{}",
+        env_value(&services_env(), "OUTBOX_KAFKA_PORT")
+    )
 }
 
 /// Runs `scripts/<script>.sh <action>` against the dedicated services and
 /// returns how long it took.
 fn service(script: &str, action: &str) -> Duration {
-    let started = Instant::now();
-    let out = Command::new("bash")
-        .arg(format!("scripts/{script}.sh"))
-        .arg(action)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("OUTBOX_STATE_DIR", STATE_DIR)
-        .env("OUTBOX_PG_PORT", PG_PORT.to_string())
-        .env("OUTBOX_KAFKA_PORT", KAFKA_PORT.to_string())
-        .env(
-            "OUTBOX_KAFKA_CONTROLLER_PORT",
-            KAFKA_CONTROLLER_PORT.to_string(),
-        )
-        .output()
-        .expect("running a service script");
-    assert!(
-        out.status.success(),
-        "scripts/{script}.sh {action} failed:\n{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    started.elapsed()
+    common::script(&format!("{script}.sh"), &[action], &services_env()).1
 }
 
 /// Takes the serial lock and makes sure both dedicated services run (a
@@ -107,102 +88,6 @@ async fn new_env() -> TestEnv {
 async fn writer_url(env: &TestEnv) -> String {
     let publisher = env.catalog.get(EVENT_TYPE).unwrap().publisher.clone();
     env.url_as(&env.writer_role("stream", &publisher).await)
-}
-
-// ------------------------------------------------------------------ relay process
-
-/// The `outbox-relay run` binary with its JSON log collected line by line.
-struct RelayProcess {
-    child: Spawned,
-    logs: Arc<Mutex<Vec<Value>>>,
-}
-
-impl RelayProcess {
-    fn start(env: &TestEnv, extra: &[(&str, &str)]) -> RelayProcess {
-        let mut vars = vec![("OUTBOX_RELAY_LOG__FORMAT", "json")];
-        vars.extend_from_slice(extra);
-        let mut child = env.spawn_process(&vars);
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        // Drained continuously: a full pipe would block the relay's logging.
-        let stderr = child.stderr.take().unwrap();
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
-                let v = serde_json::from_str(&line).unwrap_or(json!({ "raw": line }));
-                sink.lock().unwrap().push(v);
-            }
-        });
-        RelayProcess { child, logs }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.id() as i32)
-    }
-
-    /// Log lines whose message starts with `prefix`.
-    fn logged(&self, prefix: &str) -> Vec<Value> {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|v| {
-                v["message"]
-                    .as_str()
-                    .or(v["fields"]["message"].as_str())
-                    .is_some_and(|m| m.starts_with(prefix))
-            })
-            .cloned()
-            .collect()
-    }
-
-    fn log_text(&self) -> String {
-        self.logs
-            .lock()
-            .unwrap()
-            .iter()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn running(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
-    }
-
-    fn sigkill(&mut self) {
-        kill(self.pid(), Signal::SIGKILL).unwrap();
-        self.child.wait().unwrap();
-    }
-
-    fn sigterm(mut self) -> ExitStatus {
-        kill(self.pid(), Signal::SIGTERM).unwrap();
-        self.wait(Duration::from_secs(60))
-            .expect("the relay exits after SIGTERM")
-    }
-
-    fn wait(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for RelayProcess {
-    /// A failed assertion must not leave a relay running against the next test.
-    fn drop(&mut self) {
-        if self.running() {
-            let _ = kill(self.pid(), Signal::SIGKILL);
-            let _ = self.child.wait();
-        }
-    }
 }
 
 // ------------------------------------------------------------------ writer
@@ -411,10 +296,6 @@ fn table_row(fault: &str, o: &Outcome, recover: &str) {
         "FAULT | {fault} | written {} | received {} | duplicates {} | lost {} | per-key order breaks {} | recovery {recover}",
         o.written, o.received, o.duplicates, o.lost, o.reordered_keys
     );
-}
-
-fn secs(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
 }
 
 // ------------------------------------------------------------------ tests

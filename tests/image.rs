@@ -17,7 +17,9 @@ use common::*;
 
 const IMAGE: &str = "localhost/outbox-relay:test";
 
-fn script(args: &[&str]) -> Output {
+/// `bash scripts/image.sh ARGS`, whatever its exit status (see [`ok`]): the
+/// container's clean-up ignores a failure.
+fn image_sh(args: &[&str]) -> Output {
     Command::new("bash")
         .arg("scripts/image.sh")
         .args(args)
@@ -46,14 +48,14 @@ fn run_image(env: &[(&str, String)], args: &[&str]) -> Output {
     cmd.push(IMAGE.into());
     cmd.extend(args.iter().map(|a| a.to_string()));
     let refs: Vec<&str> = cmd.iter().map(String::as_str).collect();
-    script(&refs)
+    image_sh(&refs)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "builds the container image (minutes); scripts/test.sh runs it"]
 async fn the_image_migrates_ensures_topics_runs_as_non_root_and_stops_cleanly() {
     let t0 = Instant::now();
-    let out = tokio::task::spawn_blocking(|| script(&["build"]))
+    let out = tokio::task::spawn_blocking(|| image_sh(&["build"]))
         .await
         .unwrap();
     ok(&out, "scripts/image.sh build");
@@ -107,11 +109,11 @@ async fn the_image_migrates_ensures_topics_runs_as_non_root_and_stops_cleanly() 
     }
     args.push(IMAGE.into());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    ok(&script(&refs), "podman run -d");
+    ok(&image_sh(&refs), "podman run -d");
     struct Remove(String);
     impl Drop for Remove {
         fn drop(&mut self) {
-            let _ = script(&["podman", "rm", "-f", &self.0]);
+            let _ = image_sh(&["podman", "rm", "-f", &self.0]);
         }
     }
     let _remove = Remove(name.clone());
@@ -126,7 +128,7 @@ async fn the_image_migrates_ensures_topics_runs_as_non_root_and_stops_cleanly() 
             Duration::from_secs(60),
         )
         .await;
-    let logs = || ok(&script(&["podman", "logs", &name]), "podman logs");
+    let logs = || ok(&image_sh(&["podman", "logs", &name]), "podman logs");
     assert_eq!(
         got.len(),
         1,
@@ -137,7 +139,7 @@ async fn the_image_migrates_ensures_topics_runs_as_non_root_and_stops_cleanly() 
 
     // Not root: the relay runs as uid/gid 10001.
     let status = ok(
-        &script(&["podman", "exec", &name, "cat", "/proc/1/status"]),
+        &image_sh(&["podman", "exec", &name, "cat", "/proc/1/status"]),
         "podman exec",
     );
     let uid = status
@@ -153,12 +155,12 @@ async fn the_image_migrates_ensures_topics_runs_as_non_root_and_stops_cleanly() 
     // SIGTERM within the compose file's grace period (40 s): exit code 0.
     let t = Instant::now();
     ok(
-        &script(&["podman", "stop", "-t", "40", &name]),
+        &image_sh(&["podman", "stop", "-t", "40", &name]),
         "podman stop",
     );
     let stopped_in = t.elapsed();
     let code = ok(
-        &script(&[
+        &image_sh(&[
             "podman",
             "inspect",
             "--format",
@@ -176,7 +178,7 @@ async fn the_image_migrates_ensures_topics_runs_as_non_root_and_stops_cleanly() 
     );
 
     let size = ok(
-        &script(&["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE]),
+        &image_sh(&["podman", "image", "inspect", "--format", "{{.Size}}", IMAGE]),
         "podman image inspect",
     );
     let bytes: f64 = size.trim().parse().unwrap();

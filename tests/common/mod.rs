@@ -2,11 +2,24 @@
 //! and its own topic prefix (topics created through `topics::ensure`) on the
 //! local Postgres and Kafka that `scripts/services.sh up` starts, and reads
 //! back through a real Kafka consumer.
+//!
+//! The one set of helpers of every test binary (`tests/it`, `tests/faults.rs`,
+//! `tests/cluster.rs`, `tests/image.rs`): the environment here, running the
+//! `outbox-relay` binary and the scripts in `process`, the HTTP endpoints and
+//! the Prometheus text format in `metrics`.
 #![allow(dead_code)]
+
+mod metrics;
+mod process;
+
+// Each binary uses a part of them.
+#[allow(unused_imports)]
+pub use self::metrics::*;
+#[allow(unused_imports)]
+pub use self::process::*;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -369,90 +382,6 @@ impl TestEnv {
             ("RUST_LOG".into(), "info".into()),
         ]
     }
-
-    /// Starts the real `outbox-relay run` binary against this environment.
-    pub fn spawn_process(&self, extra_env: &[(&str, &str)]) -> Spawned {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-        cmd.arg("run")
-            .current_dir(env!("CARGO_MANIFEST_DIR"))
-            .env("OUTBOX_RELAY_CONFIG", "/dev/null")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in self.process_env() {
-            cmd.env(k, v);
-        }
-        for (k, v) in extra_env {
-            cmd.env(k, v);
-        }
-        Spawned(cmd.spawn().expect("starting outbox-relay"))
-    }
-}
-
-/// A child process that is killed when dropped, so that a failing test never
-/// leaves a relay running (and polling, and holding leases) behind it.
-pub struct Spawned(pub Child);
-
-impl std::ops::Deref for Spawned {
-    type Target = Child;
-    fn deref(&self) -> &Child {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for Spawned {
-    fn deref_mut(&mut self) -> &mut Child {
-        &mut self.0
-    }
-}
-
-impl Spawned {
-    /// Stops the process with SIGTERM (a graceful shutdown) and returns its
-    /// exit status and everything it wrote to stderr.
-    pub fn terminate(mut self) -> (std::process::ExitStatus, String) {
-        use std::io::Read;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        let status = self.0.wait().unwrap();
-        let mut stderr = String::new();
-        if let Some(mut pipe) = self.0.stderr.take() {
-            pipe.read_to_string(&mut stderr).unwrap();
-        }
-        (status, stderr)
-    }
-}
-
-/// Reads a spawned relay's stderr as it comes (a full pipe would block its
-/// logging), into a buffer the test can look at while it runs.
-pub fn collect_stderr(child: &mut Spawned) -> Arc<std::sync::Mutex<String>> {
-    use std::io::Read;
-    let mut pipe = child.stderr.take().expect("stderr is piped");
-    let out = Arc::new(std::sync::Mutex::new(String::new()));
-    let sink = out.clone();
-    std::thread::spawn(move || {
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = pipe.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            sink.lock()
-                .unwrap()
-                .push_str(&String::from_utf8_lossy(&buf[..n]));
-        }
-    });
-    out
-}
-
-impl Drop for Spawned {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
 }
 
 pub async fn read(consumer: &StreamConsumer, n: usize, timeout: Duration) -> Vec<Received> {
@@ -715,59 +644,7 @@ async fn small_pool(url: &str) -> PgPool {
         .unwrap()
 }
 
-/// A free local port (for a relay's /metrics listener).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// The body of `GET /metrics` on a local port.
-pub async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).await.unwrap();
-    body
-}
-
-/// One HTTP/1.1 GET on a local port; the status code and the body.
-pub async fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await
-    .ok()?;
-    let mut raw = String::new();
-    tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut raw))
-        .await
-        .ok()?
-        .ok()?;
-    let (head, body) = raw.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
-}
-
-/// Sum of a counter's series with this source and label value, as this
-/// process's Prometheus recorder renders it (relays run in the test).
-pub fn counter(name: &str, source: &str, label: &str, value: &str) -> f64 {
-    let rendered = outbox_relay::metrics_handle().unwrap().render();
-    rendered
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")))
-        .filter(|l| l.contains(&format!("source=\"{source}\"")))
-        .filter(|l| l.contains(&format!("{label}=\"{value}\"")))
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
-        .sum()
+/// A duration as seconds with one decimal, for the tables tests print.
+pub fn secs(d: Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
 }

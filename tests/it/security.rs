@@ -3,11 +3,9 @@
 //! services would use: who may publish what, what each group role may touch,
 //! and what the relay does with a row that bypassed the trigger.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use outbox_relay::catalog::Catalog;
 use outbox_relay::sql;
 use serde_json::{json, Value};

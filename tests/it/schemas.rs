@@ -5,42 +5,12 @@
 //! `jsonschema`), and `catalog check` refuses a change that breaks the
 //! published schemas within a major version.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{example_payload, TestEnv};
+use crate::common::{example_payload, relay_command, repo, run, TestEnv};
 use serde_json::{json, Value};
-
-fn relay() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("OUTBOX_RELAY_CONFIG", "/dev/null");
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OUTBOX_RELAY_") || k == "DATABASE_URL" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn repo(path: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
 
 /// Every file under `dir`, relative, with its contents.
 fn tree(dir: &Path) -> Vec<(PathBuf, String)> {
@@ -72,7 +42,9 @@ fn validate(schemas: &Path, events: &Path, extra: &[&str]) -> (bool, String) {
 #[test]
 fn the_committed_schemas_are_what_catalog_schema_writes() {
     let dir = tempfile::tempdir().unwrap();
-    let (ok, out) = run(relay().args(["catalog", "schema", "--out"]).arg(dir.path()));
+    let (ok, out) = run(relay_command()
+        .args(["catalog", "schema", "--out"])
+        .arg(dir.path()));
     assert!(ok, "{out}");
     assert!(out.contains("wrote 26 schemas of 13 events"), "{out}");
     let generated = tree(dir.path());
@@ -126,7 +98,9 @@ async fn every_published_event_validates_against_its_schema() {
 
     let dir = tempfile::tempdir().unwrap();
     let schemas = dir.path().join("schemas");
-    let (ok, out) = run(relay().args(["catalog", "schema", "--out"]).arg(&schemas));
+    let (ok, out) = run(relay_command()
+        .args(["catalog", "schema", "--out"])
+        .arg(&schemas));
     assert!(ok, "{out}");
     let events = dir.path().join("events.jsonl");
     let lines: Vec<String> = got
@@ -216,7 +190,7 @@ fn check_edited(edit: &[(&str, &str)]) -> (bool, String) {
         format!("{}{block}{}", &kernel[..start], &kernel[end..]),
     )
     .unwrap();
-    run(relay()
+    run(relay_command()
         .env(
             "OUTBOX_RELAY_CATALOG__PATHS",
             format!("[\"{}\"]", dir.path().display()),

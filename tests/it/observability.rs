@@ -12,60 +12,25 @@
 //! the others never do. The rules are `deploy/prometheus/alerts.yml` with
 //! every `for:` shortened to 1 s (the expressions are the file's own).
 //!
-//! Takes about two minutes: `cargo test --test observability -- --nocapture`
+//! Takes about two minutes: `cargo test --test it observability:: -- --nocapture`
 //! prints the table of panels and alerts.
-
-mod common;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use serde_json::{json, Value};
 
-// Keep in step with scripts/test.sh (it stops this broker after the suite).
-const STATE_DIR: &str = "/var/tmp/outbox-relay-obs";
-const KAFKA_PORT: u16 = 19142;
-const KAFKA_CONTROLLER_PORT: u16 = 19143;
+/// The state directory and ports of this test's own broker.
+fn broker_env() -> Vec<(String, String)> {
+    env_file(include_str!("../../scripts/observability.env"))
+}
 
 fn kafka_script(action: &str) {
-    let out = Command::new("bash")
-        .args(["scripts/kafka.sh", action])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("OUTBOX_STATE_DIR", STATE_DIR)
-        .env("OUTBOX_KAFKA_PORT", KAFKA_PORT.to_string())
-        .env(
-            "OUTBOX_KAFKA_CONTROLLER_PORT",
-            KAFKA_CONTROLLER_PORT.to_string(),
-        )
-        .output()
-        .expect("running scripts/kafka.sh");
-    assert!(
-        out.status.success(),
-        "scripts/kafka.sh {action} failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed on drop.
-struct Guard(Child);
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+    script("kafka.sh", &[action], &broker_env());
 }
 
 fn percent_encode(s: &str) -> String {
@@ -186,10 +151,6 @@ fn alert_body(expr: &str) -> String {
     re_cut(first)
 }
 
-fn repo(path: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
-}
-
 /// Waits until `check` holds, or panics with the last reason.
 async fn until(what: &str, timeout: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let deadline = Instant::now() + timeout;
@@ -217,7 +178,10 @@ async fn dashboard_panels_and_alerts_evaluate_against_a_real_prometheus() {
     let env_a = TestEnv::new().await;
     let env_b = TestEnv::on_services(
         &server_superuser_url(),
-        &format!("127.0.0.1:{KAFKA_PORT}"),
+        &format!(
+            "127.0.0.1:{}",
+            env_value(&broker_env(), "OUTBOX_KAFKA_PORT")
+        ),
         1,
     )
     .await;
@@ -257,7 +221,7 @@ async fn dashboard_panels_and_alerts_evaluate_against_a_real_prometheus() {
         .output()
         .unwrap();
     assert!(check.status.success(), "{check:?}");
-    let _prom = Guard(
+    let _prom = Spawned(
         Command::new("prometheus")
             .arg(format!(
                 "--config.file={}",

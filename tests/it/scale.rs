@@ -1,12 +1,10 @@
 //! Several relay processes on one outbox: per-key order, bounded failover,
 //! lease fencing, and several source databases in one process.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::json;

@@ -12,15 +12,12 @@
 //! broker cannot be made to return the error: a topic authorization failure
 //! and an error of unknown class.
 
-mod common;
-
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use chrono::{DateTime, Utc};
-use common::*;
 use outbox_relay::catalog::Catalog;
 use outbox_relay::failure::{self, DbClass};
 use outbox_relay::relay::{BatchReport, Outcome};
@@ -453,7 +450,7 @@ async fn each_permanent_failure_is_dead_lettered_intact_with_reason_message_and_
     assert_eq!(ids(&got), vec![first, last]);
 
     // A type still missing from the catalog cannot be replayed: the replay
-    // skips it (tests/dlq.rs shows the reasons it reports) and changes nothing.
+    // skips it (tests/it/dlq.rs shows the reasons it reports) and changes nothing.
     let replayed: Vec<String> =
         sqlx::query_scalar("SELECT outbox_dlq_replay(p_reason => 'unknown_event_type')")
             .fetch_all(env.admin())
@@ -1334,7 +1331,7 @@ async fn replay_by_filter_moves_exactly_the_matching_events_in_their_original_or
         vec![c3.clone()]
     );
     // A publisher the catalog does not allow is never replayed (the replay
-    // reports it as publisher_not_allowed; tests/dlq.rs reads the report).
+    // reports it as publisher_not_allowed; tests/it/dlq.rs reads the report).
     assert_eq!(
         replay(None, Some("forbidden_publisher"), None, None).await,
         Vec::<String>::new()
@@ -1542,15 +1539,12 @@ async fn discard_records_who_and_why_and_needs_both_a_reason_and_a_filter() {
 /// Runs `outbox-relay <args>` as the admin role (the DLQ commands are an
 /// admin's), with the rest of the relay's environment.
 fn cli(env: &TestEnv, args: &[&str]) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("OUTBOX_RELAY_CONFIG", "/dev/null")
-        .env("RUST_LOG", "warn");
-    for (k, v) in env.process_env() {
-        cmd.env(k, v);
-    }
-    cmd.env("DATABASE_URL", env.admin_url());
-    let out = cmd.args(args).output().unwrap();
+    let out = env
+        .admin_command()
+        .env("RUST_LOG", "warn")
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),

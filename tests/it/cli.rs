@@ -1,37 +1,14 @@
 //! The binary's documented error messages for bad configuration and bad
 //! catalogs: each names the offending key or entry and stops start-up.
 
-use std::process::Command;
-
-fn relay() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OUTBOX_RELAY_") || k == "DATABASE_URL" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd
-}
-
-fn run(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
+use crate::common::{relay_command, run};
 
 #[test]
 fn unknown_config_key_stops_start_up_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("relay.toml");
     std::fs::write(&file, "[relay]\nbatch_sise = 10\n").unwrap();
-    let (ok, out) = run(relay().arg("--config").arg(&file).arg("run"));
+    let (ok, out) = run(relay_command().arg("--config").arg(&file).arg("run"));
     assert!(!ok);
     assert!(out.contains("unknown field: found `batch_sise`"), "{out}");
     assert!(out.contains("relay"), "{out}");
@@ -39,8 +16,7 @@ fn unknown_config_key_stops_start_up_naming_the_key() {
 
 #[test]
 fn bad_env_value_stops_start_up_naming_the_key() {
-    let (ok, out) = run(relay()
-        .env("OUTBOX_RELAY_CONFIG", "/dev/null")
+    let (ok, out) = run(relay_command()
         .env("OUTBOX_RELAY_KAFKA__COMPRESSION", "brotli")
         .arg("run"));
     assert!(!ok);
@@ -52,8 +28,7 @@ fn bad_env_value_stops_start_up_naming_the_key() {
 
 #[test]
 fn passthrough_may_not_weaken_acks() {
-    let (ok, out) = run(relay()
-        .env("OUTBOX_RELAY_CONFIG", "/dev/null")
+    let (ok, out) = run(relay_command()
         .env("OUTBOX_RELAY_KAFKA__LIBRDKAFKA", "{acks=\"1\"}")
         .arg("run"));
     assert!(!ok);
@@ -62,9 +37,7 @@ fn passthrough_may_not_weaken_acks() {
 
 #[test]
 fn catalog_list_prints_every_kernel_event() {
-    let (ok, out) = run(relay()
-        .env("OUTBOX_RELAY_CONFIG", "/dev/null")
-        .args(["catalog", "list"]));
+    let (ok, out) = run(relay_command().args(["catalog", "list"]));
     assert!(ok, "{out}");
     assert_eq!(out.lines().count(), 14, "{out}");
     assert!(out.lines().any(|l| l.starts_with("money.wallet.credited")
@@ -93,10 +66,7 @@ contactId = "string"
 "#,
     )
     .unwrap();
-    let (ok, out) = run(relay()
-        .env("OUTBOX_RELAY_CONFIG", "/dev/null")
-        .args(["catalog", "check"])
-        .arg(&good));
+    let (ok, out) = run(relay_command().args(["catalog", "check"]).arg(&good));
     assert!(ok, "{out}");
     assert!(out.contains("ok: 14 events"), "{out}");
 
@@ -108,10 +78,7 @@ contactId = "string"
             .replace("partition_key = \"contactId\"", "partition_key = \"id\""),
     )
     .unwrap();
-    let (ok, out) = run(relay()
-        .env("OUTBOX_RELAY_CONFIG", "/dev/null")
-        .args(["catalog", "check"])
-        .arg(&bad));
+    let (ok, out) = run(relay_command().args(["catalog", "check"]).arg(&bad));
     assert!(!ok);
     assert!(
         out.contains("bad.toml: event `crm.contact.created`: partition_key `id` is not among the payload fields (contactId)"),
@@ -132,8 +99,7 @@ fn an_invalid_catalog_stops_the_relay_before_it_connects() {
         .replacen("publisher = \"money\"", "publisher = \"iam\"", 1),
     )
     .unwrap();
-    let (ok, out) = run(relay()
-        .env("OUTBOX_RELAY_CONFIG", "/dev/null")
+    let (ok, out) = run(relay_command()
         .env(
             "OUTBOX_RELAY_CATALOG__PATHS",
             format!("[\"{}\"]", dir.path().display()),

@@ -6,48 +6,29 @@
 //! certificate each stop start-up with an error naming the setting. The
 //! relay's PostgreSQL connections use `sslmode=verify-full` throughout.
 
-mod common;
-
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
-// Keep in step with scripts/tls-env.sh.
-const STATE_DIR: &str = "/var/tmp/outbox-relay-tls";
-const PLAIN_PORT: u16 = 19152;
-const SSL_PORT: u16 = 19154;
-const SASL_SSL_PORT: u16 = 19155;
-const SCRAM_USER: &str = "relay";
-const SCRAM_PASSWORD: &str = "relay-scram-secret";
+/// The broker's state directory, ports and credentials (scripts/tls.env).
+fn tls_env(key: &str) -> String {
+    env_value(&env_file(include_str!("../../scripts/tls.env")), key)
+}
 
 fn certs(file: &str) -> String {
-    PathBuf::from(STATE_DIR)
+    PathBuf::from(tls_env("OUTBOX_STATE_DIR"))
         .join("certs")
         .join(file)
         .display()
         .to_string()
 }
 
-/// Starts (or finds running) the TLS/SASL broker; once per test binary.
+/// Starts (or finds running) the TLS/SASL broker; once per test process.
 async fn services() {
     static UP: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
     UP.get_or_init(|| async {
-        tokio::task::spawn_blocking(|| {
-            let out = Command::new("bash")
-                .args(["scripts/tls-env.sh", "up"])
-                .current_dir(env!("CARGO_MANIFEST_DIR"))
-                .output()
-                .unwrap();
-            assert!(
-                out.status.success(),
-                "scripts/tls-env.sh up: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        })
-        .await
-        .unwrap()
+        script_async("tls-env.sh", &["up"], &[]).await;
     })
     .await;
 }
@@ -56,7 +37,7 @@ async fn env() -> TestEnv {
     services().await;
     TestEnv::on_services(
         &server_superuser_url(),
-        &format!("127.0.0.1:{PLAIN_PORT}"),
+        &format!("127.0.0.1:{}", tls_env("OUTBOX_KAFKA_PORT")),
         3,
     )
     .await
@@ -66,7 +47,7 @@ fn ssl(ca: &str) -> Vec<(String, String)> {
     vec![
         (
             "OUTBOX_RELAY_KAFKA__BROKERS".into(),
-            format!("localhost:{SSL_PORT}"),
+            format!("localhost:{}", tls_env("OUTBOX_KAFKA_SSL_PORT")),
         ),
         ("OUTBOX_RELAY_KAFKA__SECURITY_PROTOCOL".into(), "ssl".into()),
         ("OUTBOX_RELAY_KAFKA__TLS__CA_LOCATION".into(), certs(ca)),
@@ -77,7 +58,7 @@ fn sasl_ssl(password: &str) -> Vec<(String, String)> {
     vec![
         (
             "OUTBOX_RELAY_KAFKA__BROKERS".into(),
-            format!("localhost:{SASL_SSL_PORT}"),
+            format!("localhost:{}", tls_env("OUTBOX_KAFKA_SASL_SSL_PORT")),
         ),
         (
             "OUTBOX_RELAY_KAFKA__SECURITY_PROTOCOL".into(),
@@ -93,7 +74,7 @@ fn sasl_ssl(password: &str) -> Vec<(String, String)> {
         ),
         (
             "OUTBOX_RELAY_KAFKA__SASL__USERNAME".into(),
-            SCRAM_USER.into(),
+            tls_env("OUTBOX_TLS_SCRAM_USER"),
         ),
         ("OUTBOX_RELAY_KAFKA__SASL__PASSWORD".into(), password.into()),
     ]
@@ -179,7 +160,7 @@ async fn the_relay_publishes_through_an_ssl_listener() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_publishes_through_a_sasl_ssl_scram_sha_512_listener() {
-    publishes_through(sasl_ssl(SCRAM_PASSWORD)).await;
+    publishes_through(sasl_ssl(&tls_env("OUTBOX_TLS_SCRAM_PASSWORD"))).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,13 +8,11 @@
 //! `metrics_move_as_events_are_published_retried_and_dead_lettered` publishes
 //! in this process: the unlabelled histograms are then its alone.
 
-mod common;
-
 use std::collections::BTreeMap;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use outbox_relay::config::{Secret, Settings};
 use outbox_relay::topics;
 use rdkafka::admin::{AdminOptions, AlterConfig, ResourceSpecifier};
@@ -26,92 +24,6 @@ use tokio::task::JoinHandle;
 const DAY_MS: i64 = 24 * 60 * 60 * 1000;
 
 // ---------------------------------------------------------------- helpers
-
-async fn scrape(port: u16) -> String {
-    let (code, body) = get(port, "/metrics").await.expect("GET /metrics");
-    assert_eq!(code, 200);
-    body
-}
-
-/// One sample of the Prometheus text format.
-#[derive(Debug)]
-struct Sample {
-    name: String,
-    labels: BTreeMap<String, String>,
-    value: f64,
-}
-
-fn parse(text: &str) -> Vec<Sample> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        if line.starts_with('#') || line.trim().is_empty() {
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("sample line");
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            v => v.parse().unwrap_or_else(|_| panic!("value in {line}")),
-        };
-        let (name, labels) = match series.split_once('{') {
-            None => (series.to_string(), BTreeMap::new()),
-            Some((name, rest)) => {
-                let mut labels = BTreeMap::new();
-                let mut chars = rest.trim_end_matches('}').chars().peekable();
-                loop {
-                    let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
-                    if key.is_empty() {
-                        break;
-                    }
-                    assert_eq!(chars.next(), Some('"'), "{line}");
-                    let mut val = String::new();
-                    while let Some(c) = chars.next() {
-                        match c {
-                            '\\' => val.push(chars.next().unwrap()),
-                            '"' => break,
-                            c => val.push(c),
-                        }
-                    }
-                    labels.insert(key.trim_start_matches(',').to_string(), val);
-                    if chars.peek() == Some(&',') {
-                        chars.next();
-                    }
-                }
-                (name.to_string(), labels)
-            }
-        };
-        out.push(Sample {
-            name,
-            labels,
-            value,
-        });
-    }
-    out
-}
-
-/// The value of the series with exactly these labels.
-fn value(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let want: BTreeMap<String, String> = labels
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    parse(text)
-        .into_iter()
-        .find(|s| s.name == name && s.labels == want)
-        .map(|s| s.value)
-}
-
-/// Every series of `name` whose labels include these.
-fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<Sample> {
-    parse(text)
-        .into_iter()
-        .filter(|s| {
-            s.name == name
-                && labels
-                    .iter()
-                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
-        })
-        .collect()
-}
 
 /// Runs the library's relay in this process until the returned sender fires.
 fn start(settings: Settings) -> (oneshot::Sender<()>, JoinHandle<Result<(), String>>) {
@@ -132,33 +44,6 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     assert!(eventually(timeout, cond).await, "timed out waiting: {what}");
-}
-
-/// The `outbox-relay` binary pointed at `env`, free of the caller's settings.
-fn binary(env: &[(String, String)]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OUTBOX_RELAY_") || k == "DATABASE_URL" || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("OUTBOX_RELAY_CONFIG", "/dev/null");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd
-}
-
-fn stdout_of(out: &Output) -> String {
-    assert!(
-        out.status.success(),
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
 }
 
 async fn topic_exists(settings: &Settings, topic: &str) -> bool {
@@ -525,7 +410,7 @@ async fn metrics_move_as_events_are_published_retried_and_dead_lettered() {
     .fetch_all(env.admin())
     .await
     .unwrap();
-    let after = outbox_relay::metrics_handle().unwrap().render();
+    let after = recorded();
     let failures = series(
         &after,
         "outbox_publish_failures_total",
@@ -746,8 +631,8 @@ async fn status_json_matches_the_database() {
     assert!(partitions > 3);
 
     // `status` is an operator's command: it runs as the admin role.
-    let admin_env = admin_process_env(&env);
-    let out = binary(&admin_env)
+    let admin_env = env.admin_process_env();
+    let out = relay_command_with(&admin_env)
         .args(["status", "--json"])
         .output()
         .unwrap();
@@ -811,7 +696,10 @@ async fn status_json_matches_the_database() {
             with_database(&env.admin_url(), "no_such_database_here")
         ),
     ));
-    let out = binary(&two).args(["status", "--json"]).output().unwrap();
+    let out = relay_command_with(&two)
+        .args(["status", "--json"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let both: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(both["sources"][0]["pending"], 3, "{both}");
@@ -823,7 +711,10 @@ async fn status_json_matches_the_database() {
     );
 
     // The human table says the same.
-    let out = binary(&admin_env).args(["status"]).output().unwrap();
+    let out = relay_command_with(&admin_env)
+        .args(["status"])
+        .output()
+        .unwrap();
     let table = stdout_of(&out);
     let lines: Vec<Vec<&str>> = table
         .lines()
@@ -883,7 +774,7 @@ async fn topics_ensure_creates_with_catalog_retention_and_applies_drift_only_whe
     let ensure = |extra: &[&str], partitions: &str| {
         let mut env = env.clone();
         env.push(("OUTBOX_RELAY_TOPICS__PARTITIONS".into(), partitions.into()));
-        let out = binary(&env)
+        let out = relay_command_with(&env)
             .args(["topics", "ensure", "--json"])
             .args(extra)
             .output()
@@ -1154,17 +1045,4 @@ fn alert_rules_pass_their_unit_tests() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// [`TestEnv::process_env`] with the admin role's `DATABASE_URL`: for the
-/// operator's commands (`status`), which a relay's role does not run.
-fn admin_process_env(env: &TestEnv) -> Vec<(String, String)> {
-    let mut vars = env.process_env();
-    for (k, v) in &mut vars {
-        if k == "DATABASE_URL" {
-            *v = env.admin_url();
-        }
-    }
-    assert!(vars.iter().any(|(k, _)| k == "DATABASE_URL"));
-    vars
 }

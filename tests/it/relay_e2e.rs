@@ -2,12 +2,10 @@
 //! from a plain SQL insert to a message on its topic, partitioning, commit
 //! visibility, and shutdown.
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use outbox_relay::relay::{BatchReport, Outcome};
 use serde_json::{json, Value};
 

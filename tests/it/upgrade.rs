@@ -13,15 +13,13 @@
 //! file with `git show <commit>:migrations/<file>`); these tests then target
 //! it, and the older fixtures stay as the record.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use outbox_relay::config::Secret;
 use outbox_relay::consumer::{Consumer, ConsumerSettings, Manifest};
 use outbox_relay::sql::{self, DlqFilter};
@@ -281,17 +279,8 @@ async fn migrator_of(dir: &Path, files: &[String]) -> (Migrator, tempfile::TempD
 
 /// The `outbox-relay` binary pointed at `env`, free of the caller's settings.
 fn binary(env: &TestEnv, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    cmd.current_dir(ROOT).args(args);
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OUTBOX_RELAY_") || k == "DATABASE_URL" || k == "RUST_LOG" {
-            cmd.env_remove(k);
-        }
-    }
-    cmd.env("OUTBOX_RELAY_CONFIG", "/dev/null");
-    for (k, v) in env.process_env() {
-        cmd.env(k, v);
-    }
+    let mut cmd = env.command();
+    cmd.args(args);
     // Migrating is the schema owner's job; everything else runs as the relay.
     if args.first() == Some(&"migrate") {
         cmd.env("DATABASE_URL", env.fixtures_url());
@@ -299,20 +288,11 @@ fn binary(env: &TestEnv, args: &[&str]) -> Command {
     cmd
 }
 
-fn output(out: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
-        out.status.code(),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
-}
-
 fn dry_run(env: &TestEnv) -> (i32, String) {
     let out = binary(env, &["migrate", "--dry-run"]).output().unwrap();
     (
         out.status.code().expect("migrate --dry-run was killed"),
-        output(&out),
+        output_text(&out),
     )
 }
 
@@ -1010,8 +990,8 @@ async fn dry_run_start_up_and_readyz_say_how_the_schema_differs_from_the_binary(
 
     // The relay refuses to start on it, naming the migration and the fix.
     let out = binary(&env, &["run"]).output().unwrap();
-    assert!(!out.status.success(), "{}", output(&out));
-    let text = output(&out);
+    assert!(!out.status.success(), "{}", output_text(&out));
+    let text = output_text(&out);
     assert!(text.contains("older than this binary"), "{text}");
     assert!(
         text.contains(&format!("migrations {last_name} are pending")),
@@ -1020,11 +1000,11 @@ async fn dry_run_start_up_and_readyz_say_how_the_schema_differs_from_the_binary(
     assert!(text.contains("Run `outbox-relay migrate`"), "{text}");
 
     let out = binary(&env, &["migrate"]).output().unwrap();
-    assert!(out.status.success(), "{}", output(&out));
+    assert!(out.status.success(), "{}", output_text(&out));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains(&format!("applied  {last_name}\n")),
         "{}",
-        output(&out)
+        output_text(&out)
     );
     let (code, out) = dry_run(&env);
     assert_eq!(code, 0, "{out}");

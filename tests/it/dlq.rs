@@ -4,14 +4,11 @@
 //! relay relays and dead-letters, the admin repairs, replays and purges, the
 //! consumer kit dedupes.
 
-mod common;
-
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::*;
 use chrono::{DateTime, Datelike, Utc};
-use common::*;
 use outbox_relay::consumer::{Consumer, ConsumerSettings, Manifest};
 use outbox_relay::dlq::RepairError;
 use outbox_relay::sql::{self, DlqFilter, Repair};
@@ -124,22 +121,7 @@ async fn drain_all(env: &TestEnv, relay: &outbox_relay::relay::Relay) {
 
 /// `outbox-relay …` as the admin role, against this environment.
 fn admin_cli(env: &TestEnv, args: &[&str]) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_outbox-relay"));
-    cmd.current_dir(env!("CARGO_MANIFEST_DIR"))
-        .env("OUTBOX_RELAY_CONFIG", "/dev/null");
-    for (k, v) in env.process_env() {
-        cmd.env(k, v);
-    }
-    cmd.env("DATABASE_URL", env.admin_url()).args(args);
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    run(env.admin_command().args(args))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -322,6 +304,8 @@ async fn a_repaired_credit_is_published_once_under_its_id_with_the_original_kept
     )
     .unwrap();
     let mut settings = ConsumerSettings::new("money-ledger", env.settings.kafka.clone());
+    // A consumer group of this test's own on the shared broker.
+    settings.group_id = format!("money-ledger-{}", env.id);
     settings.retry_min_ms = 20;
     settings.retry_max_ms = 200;
     let mut kit = Consumer::new(

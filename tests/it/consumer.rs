@@ -4,16 +4,14 @@
 //! handlers, and the manifest's 403 rules — in the library and in the
 //! example consumer binary.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use outbox_relay::consumer::{
@@ -113,14 +111,15 @@ async fn wait_stats(
 }
 
 fn metric(name: &str, consumer: &str, event_type: &str, outcome: &str) -> Option<f64> {
-    let rendered = outbox_relay::metrics_handle().unwrap().render();
-    let prefix = format!(
-        "{name}{{consumer=\"{consumer}\",event_type=\"{event_type}\",outcome=\"{outcome}\"}} "
-    );
-    rendered
-        .lines()
-        .find_map(|l| l.strip_prefix(&prefix))
-        .map(|v| v.parse().unwrap())
+    value(
+        &recorded(),
+        name,
+        &[
+            ("consumer", consumer),
+            ("event_type", event_type),
+            ("outcome", outcome),
+        ],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,7 +525,7 @@ fn an_unknown_manifest_entry_fails_start_up() {
 }
 
 /// The example consumer binary, built once per test run (a plain
-/// `cargo test --test consumer` does not build examples).
+/// `cargo test --test it consumer::` does not build examples).
 fn example_binary() -> PathBuf {
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT
@@ -585,19 +584,6 @@ fn example_manifest() -> PathBuf {
         env!("CARGO_MANIFEST_DIR"),
         "/examples/module.manifest.json"
     ))
-}
-
-/// Collects a child's stderr lines in the background.
-fn collect_stderr(child: &mut Child) -> Arc<Mutex<Vec<String>>> {
-    let lines = Arc::new(Mutex::new(Vec::new()));
-    let sink = lines.clone();
-    let stderr = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    lines
 }
 
 /// Committed offsets of `group` on the partitions of `topic`.
@@ -718,7 +704,7 @@ async fn killed_between_db_commit_and_offset_commit_the_example_consumer_has_exa
         let logs = logs.clone();
         let first = first.clone();
         async move {
-            logs.lock().unwrap().iter().any(|l| {
+            logs.lock().unwrap().lines().any(|l| {
                 serde_json::from_str::<Value>(l)
                     .is_ok_and(|v| v["outcome"] == "duplicate" && v["event_id"] == first.as_str())
             })
@@ -728,7 +714,7 @@ async fn killed_between_db_commit_and_offset_commit_the_example_consumer_has_exa
     assert!(
         redelivered_and_skipped,
         "the restarted consumer got the event again and skipped it:\n{}",
-        logs.lock().unwrap().join("\n")
+        logs.lock().unwrap()
     );
     // It is live past the duplicate.
     let second = env

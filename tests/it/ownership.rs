@@ -5,12 +5,10 @@
 //! Relays and writers run as the documented login roles; the superuser only
 //! plays the stalled owner (an open transaction holding row locks).
 
-mod common;
-
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 use outbox_relay::publish;
 use outbox_relay::sql;
 use serde_json::json;
