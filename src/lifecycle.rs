@@ -38,7 +38,8 @@ use crate::{
 };
 
 /// Runs the relay until `shutdown` completes, then stops in the order the
-/// module documentation gives.
+/// module documentation gives. Kept in one piece on purpose: start-up and
+/// steps 1, 5 and 6 read top to bottom in the order they happen.
 pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
     let token = CancellationToken::new();
     let settings = Arc::new(settings);
@@ -132,7 +133,8 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
 
 /// Relays one source database until `token` is cancelled, then stops it
 /// (steps 1 to 4). A source that is down keeps retrying on its own; the
-/// others are not held up.
+/// others are not held up. One piece on purpose, like [`run`]: what a
+/// source starts is what it stops, in order, at the end.
 async fn run_source(
     source: config::Source,
     producer: Arc<SharedProducer>,

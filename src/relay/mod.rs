@@ -1,16 +1,16 @@
 //! The relay pipeline: one batch of outbox rows at a time, through four
 //! stages, each in its own file and named in the order data flows:
 //!
-//! 1. [`claim`] — take due rows of the usable partitions; the claim deletes
+//! 1. `claim` — take due rows of the usable partitions; the claim deletes
 //!    them inside a transaction that stays open until the batch settles.
-//! 2. [`prepare`] — build each row's envelope; a row that can never be
+//! 2. `prepare` — build each row's envelope; a row that can never be
 //!    published is rejected here.
-//! 3. [`produce`] — queue the messages in the producer in claim order,
+//! 3. `produce` — queue the messages in the producer in claim order,
 //!    re-checking the lease before each, and wait for Kafka's answers.
 //! 4. [`settle`] — plan one [`settle::Settlement`] per row (a pure
 //!    function of the answers and the lease fence), write the plan, commit.
 //!
-//! One row travels as one [`prepare::Row`] from stage 2 on. One batch runs
+//! One row travels as one `Row` (in `prepare`) from stage 2 on. One batch runs
 //! in one Postgres transaction: the claimed rows stay locked while Kafka
 //! acknowledges them, and the transaction that deletes them is the one that
 //! claimed them. A row is never removed before Kafka's ack.
