@@ -25,33 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-/// The lease side of readiness.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseState {
-    /// No lease round has succeeded yet, or the last one failed: whatever
-    /// this relay held is lapsing. Not ready.
-    Unavailable,
-    /// The last round succeeded and this relay holds this many partitions.
-    Holding(usize),
-    /// The last round succeeded but every partition has a live owner: a hot
-    /// standby, ready to take over partitions when their owner stops.
-    StandingBy,
-}
-
-impl LeaseState {
-    /// The state after a successful lease round that left `held` partitions.
-    pub fn after_round(held: usize) -> LeaseState {
-        if held == 0 {
-            LeaseState::StandingBy
-        } else {
-            LeaseState::Holding(held)
-        }
-    }
-
-    pub fn is_ready(self) -> bool {
-        !matches!(self, LeaseState::Unavailable)
-    }
-}
+pub use crate::lease::LeaseState;
 
 /// What `/readyz` reports, updated by the relay's background checks
 /// ([`crate::run`]'s watcher sets Postgres and Kafka every two seconds; the

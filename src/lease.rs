@@ -19,9 +19,46 @@ use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, PgConnection};
 use tokio_util::sync::CancellationToken;
 
+use crate::backoff::db_backoff;
 use crate::config::LeaseSettings;
-use crate::http::LeaseState;
 use crate::{metrics, sql};
+
+/// The lease side of readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// No lease round has succeeded yet, or the last one failed: whatever
+    /// this relay held is lapsing. Not ready.
+    Unavailable,
+    /// The last round succeeded and this relay holds this many partitions.
+    Holding(usize),
+    /// The last round succeeded but every partition has a live owner: a hot
+    /// standby, ready to take over partitions when their owner stops.
+    StandingBy,
+}
+
+impl LeaseState {
+    /// The state after a successful lease round that left `held` partitions.
+    pub fn after_round(held: usize) -> LeaseState {
+        if held == 0 {
+            LeaseState::StandingBy
+        } else {
+            LeaseState::Holding(held)
+        }
+    }
+
+    pub fn is_ready(self) -> bool {
+        !matches!(self, LeaseState::Unavailable)
+    }
+}
+
+/// What the heartbeat row says about the relay's work: the relay loop's
+/// progress, read by the lease task without knowing the relay.
+pub trait Activity: Send + Sync {
+    /// When the last batch was acknowledged.
+    fn last_publish(&self) -> Option<chrono::DateTime<chrono::Utc>>;
+    /// Events published since the relay started.
+    fn published_total(&self) -> u64;
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Held {
@@ -196,20 +233,22 @@ async fn connect(url: &str) -> sqlx::Result<PgConnection> {
         .await
 }
 
-/// The lease task: runs until `token` is cancelled, then hands every lease
-/// back (draining handoff) once `drained` is cancelled by the relay loop.
-pub async fn run(
+/// The lease task: heartbeats and renews until `token` is cancelled, then
+/// returns its connection for [`hand_back_all`]. It hands nothing back by
+/// itself: the batches in flight still need their leases to settle, so the
+/// shutdown sequence ([`crate::lifecycle`]) calls [`hand_back_all`] once the
+/// relay loop has drained.
+pub async fn renew(
     leases: Arc<Leases>,
     url: String,
-    progress: Arc<crate::relay::Progress>,
+    activity: Arc<dyn Activity>,
     report: Arc<dyn Fn(LeaseState) + Send + Sync>,
     token: CancellationToken,
-    drained: CancellationToken,
-) {
+) -> Option<PgConnection> {
     let interval = Duration::from_millis(leases.settings.renew_interval_ms);
     let mut conn: Option<PgConnection> = None;
     let mut total = 0usize;
-    let mut backoff = crate::relay::db_backoff();
+    let mut backoff = db_backoff();
     while !token.is_cancelled() {
         if conn.is_none() {
             match connect(&url).await {
@@ -217,7 +256,7 @@ pub async fn run(
                     Ok(n) => {
                         total = n as usize;
                         conn = Some(c);
-                        backoff = crate::relay::db_backoff();
+                        backoff = db_backoff();
                     }
                     Err(err) => tracing::warn!(error = %err, "reading the partition count failed"),
                 },
@@ -229,7 +268,7 @@ pub async fn run(
         let mut wait = interval;
         if let Some(c) = conn.as_mut() {
             let (last_publish, published) =
-                (progress.last_publish(), progress.published_total() as i64);
+                (activity.last_publish(), activity.published_total() as i64);
             match leases.round(c, total, last_publish, published).await {
                 Ok(extras) => {
                     metrics::leases_owned(&leases.source, leases.held_count());
@@ -254,8 +293,13 @@ pub async fn run(
             _ = tokio::time::sleep(wait) => {}
         }
     }
-    // Draining handoff: the relay loop finishes its batch first.
-    drained.cancelled().await;
+    conn
+}
+
+/// Draining handoff: hands every lease back and marks this relay as gone,
+/// on the lease task's connection when it still has one. Called once the
+/// relay loop has settled its last batch.
+pub async fn hand_back_all(leases: &Leases, url: &str, conn: Option<PgConnection>) {
     let held: Vec<i16> = leases
         .view
         .lock()
@@ -268,7 +312,7 @@ pub async fn run(
     metrics::leases_owned(&leases.source, 0);
     let conn = match conn {
         Some(c) => Some(c),
-        None => connect(&url).await.ok(),
+        None => connect(url).await.ok(),
     };
     if let Some(mut c) = conn {
         if let Err(err) = sql::lease_release(&mut c, &leases.relay_id, &held).await {

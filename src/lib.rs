@@ -1,16 +1,22 @@
 //! outbox-relay: carries events from a transactional PostgreSQL outbox to Kafka.
 //!
-//! The data path, one module each: [`config`] → [`catalog`] → claim
-//! ([`sql`]) → [`envelope`] → [`publish`] (Kafka) → ack / retry / DLQ
-//! ([`relay`], classified by [`failure`]). [`writer`] is the library kernel
-//! services use to enqueue events.
+//! The data path: [`config`] → [`catalog`] → the [`relay`] pipeline (claim
+//! ([`sql`]) → prepare ([`envelope`]) → produce ([`publish`], Kafka) →
+//! settle: ack / retry / DLQ, classified by [`failure`]). [`lifecycle`]
+//! starts the sources and stops them in one documented order. [`writer`]
+//! (the `outbox-writer` crate) is the library kernel services use to
+//! enqueue events; [`consumer`] (`outbox-consumer`) the kit modules consume
+//! with; both share [`catalog`] and the envelope with the relay through
+//! `outbox-model`.
 
+pub mod backoff;
 pub mod config;
 pub mod dlq;
 pub mod envelope;
 pub mod failure;
 pub mod http;
 pub mod lease;
+pub mod lifecycle;
 pub mod metrics;
 pub mod privileges;
 pub mod publish;
@@ -29,20 +35,19 @@ pub use outbox_writer as writer;
 /// Months of dedupe partitions kept created ahead of time.
 pub const DEDUPE_MONTHS_AHEAD: i32 = 3;
 
-use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use backon::BackoffBuilder;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::http::Readiness;
 use crate::publish::RelayProducer;
 use crate::relay::Relay;
+
+pub use lifecycle::run;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -144,12 +149,7 @@ pub async fn connect_kafka(
 ) -> Result<RelayProducer, RunError> {
     tls::check_files(&settings.kafka).map_err(RunError::KafkaSetup)?;
     let producer = publish::create_producer(&settings.kafka)?;
-    let mut delays = backon::ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(10))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut delays = outbox_model::backoff::capped(Duration::from_millis(200), Duration::from_secs(10));
     loop {
         let p = producer.clone();
         let result = tokio::task::spawn_blocking(move || {
@@ -498,175 +498,4 @@ async fn check_privileges(pool: &PgPool, source: &str) -> Result<(), RunError> {
     let message = privileges::missing_message(&role, "outbox_relay", &missing);
     tracing::error!(source = %source, role = %role, missing = missing.len(), "{message}");
     Err(RunError::Privileges(message))
-}
-
-/// Relays one source database until `token` is cancelled. A source that is
-/// down keeps retrying on its own; the others are not held up.
-async fn run_source(
-    source: config::Source,
-    producer: Arc<RelayProducer>,
-    catalog: Arc<Catalog>,
-    settings: Arc<Settings>,
-    health: Arc<SourceHealth>,
-    token: CancellationToken,
-) -> Result<Arc<RelayProducer>, RunError> {
-    health.set(&source.name, false);
-    let pool = connect_db(&settings, &source, &token).await?;
-    // The schema first: a pending migration also explains missing grants.
-    let schema = match check_schema(&pool, &source.name, &settings, &token).await {
-        Ok(line) => line,
-        Err(err) => {
-            pool.close().await;
-            return Err(err);
-        }
-    };
-    health.set_schema(&source.name, schema);
-    if let Err(err) = check_privileges(&pool, &source.name).await {
-        pool.close().await;
-        return Err(err);
-    }
-    let relay_id = relay_id();
-    let mut relay =
-        Relay::new(pool.clone(), producer, catalog, settings.clone()).with_source(&source.name);
-    let drained = CancellationToken::new();
-    let mut lease_task = None;
-    if settings.leases.enabled {
-        let leases = lease::Leases::new(
-            relay_id.clone(),
-            source.name.clone(),
-            hostname(),
-            settings.leases.clone(),
-        );
-        relay = relay.with_leases(leases.clone());
-        let lease_health = health.clone();
-        let name = source.name.clone();
-        lease_task = Some(tokio::spawn(lease::run(
-            leases,
-            source.url.expose().to_string(),
-            relay.progress(),
-            Arc::new(move |state| lease_health.set_leases(&name, state)),
-            token.clone(),
-            drained.clone(),
-        )));
-    }
-    let relay = Arc::new(relay);
-    if settings.relay.listen {
-        tokio::spawn(listen(
-            source.url.expose().to_string(),
-            relay.wake(),
-            token.clone(),
-        ));
-    }
-    tracing::info!(source = %relay.source(), relay_id = %relay_id, "relaying source");
-    let watcher = tokio::spawn(watch(
-        relay.clone(),
-        relay_id.clone(),
-        health,
-        token.clone(),
-    ));
-    let result = relay.clone().run(token.clone()).await;
-    if result.is_err() {
-        // A fatal error of this source must not leave its leases held.
-        token.cancel();
-    }
-    drained.cancel();
-    if let Some(task) = lease_task {
-        let _ = task.await;
-    } else if let Ok(mut conn) = pool.acquire().await {
-        let _ = sql::leave(&mut conn, &relay_id).await;
-    }
-    let _ = watcher.await;
-    pool.close().await;
-    result?;
-    Ok(relay.producer())
-}
-
-/// Runs the relay until `shutdown` completes: stop claiming, finish the
-/// in-flight batch, flush the producer, return.
-pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Result<(), RunError> {
-    let token = CancellationToken::new();
-    let settings = Arc::new(settings);
-    let catalog = Arc::new(Catalog::load(&settings.catalog.paths)?);
-    let handle = metrics_handle()?;
-    metrics::relay_info(VERSION);
-    let readiness = Arc::new(Readiness::default());
-
-    if let Some(addr) = settings.http_listen() {
-        let listener = http::bind(addr).await.map_err(|source| RunError::Http {
-            addr: addr.to_string(),
-            source,
-        })?;
-        tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
-        tokio::spawn(http::serve(
-            listener,
-            handle,
-            readiness.clone(),
-            token.clone(),
-        ));
-    }
-
-    let work = async {
-        let producer = Arc::new(connect_kafka(&settings, &token).await?);
-        let health = Arc::new(SourceHealth {
-            readiness: readiness.clone(),
-            ..Default::default()
-        });
-        let sources = settings.sources();
-        tracing::info!(
-            sources = sources.len(),
-            events = catalog.events.len(),
-            brokers = %settings.kafka.brokers,
-            leases = settings.leases.enabled,
-            "relay started"
-        );
-        let mut tasks = tokio::task::JoinSet::new();
-        for source in sources {
-            let name = source.name.clone();
-            metrics::init_source(&name, &catalog);
-            let task = run_source(
-                source,
-                producer.clone(),
-                catalog.clone(),
-                settings.clone(),
-                health.clone(),
-                token.child_token(),
-            );
-            tasks.spawn(async move { (name, task.await) });
-        }
-        let mut first_error = None;
-        let mut latest = producer.clone();
-        while let Some(done) = tasks.join_next().await {
-            match done.expect("source task panicked") {
-                (_, Ok(p)) => latest = p,
-                (name, Err(err)) => {
-                    tracing::error!(source = %name, error = %err, "source stopped");
-                    first_error.get_or_insert(err);
-                }
-            }
-        }
-        let timeout = Duration::from_millis(settings.relay.shutdown_timeout_ms);
-        let flushed = tokio::task::spawn_blocking(move || publish::flush(&latest, timeout))
-            .await
-            .expect("flush task panicked");
-        if let Err(err) = flushed {
-            tracing::warn!(error = %err, "producer flush at shutdown did not complete");
-        }
-        match first_error {
-            Some(err) => Err(err),
-            None => Ok(()),
-        }
-    };
-    tokio::pin!(work);
-    tokio::pin!(shutdown);
-    let result = tokio::select! {
-        r = &mut work => r,
-        _ = &mut shutdown => {
-            tracing::info!("shutdown requested; finishing the in-flight batch");
-            token.cancel();
-            work.await
-        }
-    };
-    token.cancel();
-    tracing::info!("relay stopped");
-    result
 }

@@ -307,3 +307,49 @@ pub fn fatal_error(producer: &RelayProducer) -> Option<String> {
         .fatal_error()
         .map(|(code, msg)| format!("{code:?}: {msg}"))
 }
+
+/// The one owner of the relay's Kafka producer, shared by every source of
+/// the process: it creates the producer, recreates it after a fatal error
+/// and flushes it at shutdown. Relays borrow the current producer for each
+/// batch ([`SharedProducer::current`]) and report back after it
+/// ([`SharedProducer::recover`]); they never replace it themselves.
+pub struct SharedProducer {
+    kafka: KafkaSettings,
+    current: Mutex<Arc<RelayProducer>>,
+}
+
+impl SharedProducer {
+    pub fn new(producer: Arc<RelayProducer>, kafka: KafkaSettings) -> Arc<SharedProducer> {
+        Arc::new(SharedProducer {
+            kafka,
+            current: Mutex::new(producer),
+        })
+    }
+
+    /// The producer new batches are queued in.
+    pub fn current(&self) -> Arc<RelayProducer> {
+        self.current.lock().expect("producer lock").clone()
+    }
+
+    /// Called after a batch settled with the producer it used: when that
+    /// producer hit a fatal error (idempotent producer state lost), a fresh
+    /// one replaces it. Several batches (or sources) may report the same
+    /// broken producer; only the first replaces it.
+    pub fn recover(&self, used: &Arc<RelayProducer>) -> Result<(), KafkaError> {
+        let Some(fatal) = fatal_error(used) else {
+            return Ok(());
+        };
+        let mut current = self.current.lock().expect("producer lock");
+        if !Arc::ptr_eq(&current, used) {
+            return Ok(());
+        }
+        tracing::error!(error = %fatal, "producer hit a fatal error; recreating it");
+        *current = Arc::new(create_producer(&self.kafka)?);
+        Ok(())
+    }
+
+    /// Flushes the current producer (blocking); the last step of shutdown.
+    pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
+        flush(&self.current(), timeout)
+    }
+}

@@ -49,7 +49,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::BoxFuture;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer as _, ConsumerContext, Rebalance, StreamConsumer,
@@ -721,12 +720,10 @@ impl Consumer {
     }
 
     fn retry_delays(&self) -> impl Iterator<Item = Duration> {
-        ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(self.settings.retry_min_ms))
-            .with_max_delay(Duration::from_millis(self.settings.retry_max_ms))
-            .with_jitter()
-            .without_max_times()
-            .build()
+        outbox_model::backoff::capped(
+            Duration::from_millis(self.settings.retry_min_ms),
+            Duration::from_millis(self.settings.retry_max_ms),
+        )
     }
 
     /// A message the kit cannot decode as an envelope can never be handled.
