@@ -13,8 +13,8 @@ use serde_json::Value;
 pub use outbox_model::envelope::{format_time, CE_SPECVERSION};
 
 use crate::catalog::{not_an_object, Catalog, EventDef, JsonKind};
-use crate::failure::DlqReason;
 use crate::sql::OutboxRow;
+use outbox_model::DlqReason;
 
 /// Bytes a record needs beyond key, value and headers (record framing);
 /// counted so that the size check before producing errs on the safe side.

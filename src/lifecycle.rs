@@ -32,10 +32,12 @@ use crate::config::{self, Settings};
 use crate::http::{self, Readiness};
 use crate::publish::SharedProducer;
 use crate::relay::Relay;
-use crate::{
-    check_privileges, check_schema, connect_db, connect_kafka, hostname, lease, listen, metrics,
-    metrics_handle, relay_id, sql, watch, RunError, SourceHealth, VERSION,
+use crate::startup::{
+    check_privileges, check_schema, connect_db, connect_kafka, hostname, metrics_handle, relay_id,
+    RunError, VERSION,
 };
+use crate::watch::{listen, watch, SourceHealth};
+use crate::{lease, metrics, sql};
 
 /// Runs the relay until `shutdown` completes, then stops in the order the
 /// module documentation gives. Kept in one piece on purpose: start-up and
@@ -67,10 +69,7 @@ pub async fn run(settings: Settings, shutdown: impl Future<Output = ()>) -> Resu
             Arc::new(connect_kafka(&settings, &token).await?),
             settings.kafka.clone(),
         );
-        let health = Arc::new(SourceHealth {
-            readiness: readiness.clone(),
-            ..Default::default()
-        });
+        let health = Arc::new(SourceHealth::new(readiness.clone()));
         let sources = settings.sources();
         tracing::info!(
             sources = sources.len(),

@@ -1,7 +1,7 @@
 //! Every SQL statement the relay and its CLI run, as small functions,
-//! grouped by who runs them: [`outbox`] the relay's claim and settlement,
-//! [`leases`] ownership of virtual partitions, [`admin`] the CLI's DLQ,
-//! retention and statistics, [`schema`] migrations. (The writer library's
+//! grouped by who runs them: `outbox` the relay's claim and settlement,
+//! `leases` ownership of virtual partitions, `admin` the CLI's DLQ,
+//! retention and statistics, `schema` migrations. (The writer library's
 //! and the consumer kit's statements live in their own crates.)
 //!
 //! Failure handling and DLQ administration live in SQL functions

@@ -27,7 +27,10 @@ mod tests {
         let delays: Vec<Duration> = capped(min, max).take(50).collect();
         assert_eq!(delays.len(), 50);
         // Jitter adds up to one more delay on top of each step.
-        assert!(delays.iter().all(|d| *d >= min && *d <= max * 2), "{delays:?}");
+        assert!(
+            delays.iter().all(|d| *d >= min && *d <= max * 2),
+            "{delays:?}"
+        );
         assert!(delays[40..].iter().all(|d| *d >= max), "{delays:?}");
     }
 }
