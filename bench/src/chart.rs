@@ -12,6 +12,7 @@ use crate::report::Results;
 
 const RELAY: RGBColor = RGBColor(0x1f, 0x77, 0xb4);
 const DBZ: RGBColor = RGBColor(0xd6, 0x27, 0x28);
+const FLOOR: RGBColor = RGBColor(0x7f, 0x7f, 0x7f);
 
 /// Registers the embedded DejaVu Sans as plotters' "sans-serif" (plotters'
 /// ab_glyph backend has no system font lookup).
@@ -132,6 +133,10 @@ pub fn draw(r: &Results, path: &Path) -> Result<()> {
     let mut peers = vec![("outbox-relay", RELAY, &r.relay)];
     if let Some(d) = &r.debezium {
         peers.push(("Debezium", DBZ, d));
+    }
+    if let Some(f) = &r.floor {
+        // Steady only: the floor's send → append, on the same axes.
+        peers.push(("floor (bare producer)", FLOOR, f));
     }
     let steady_rate = r
         .relay

@@ -41,16 +41,20 @@ pub struct BenchEnv {
     pub pool: PgPool,
     pub brokers: String,
     pub mix: Arc<Mix>,
+    pub catalog: Arc<Catalog>,
     /// Topic prefix of the relay's and of Debezium's topics.
     pub relay_prefix: String,
     pub dbz_prefix: String,
+    /// Topic prefix of the floor's topics (a bare producer, no PostgreSQL).
+    pub floor_prefix: String,
     pub topics: Vec<String>,
 }
 
 impl BenchEnv {
     /// Creates database `bench_<id>` (migrated, catalog mirrored, plus the
-    /// plain and Debezium-shaped tables) and both peers' topics.
-    pub async fn create(with_debezium: bool) -> Result<BenchEnv> {
+    /// plain and Debezium-shaped tables) and the topics of both peers and
+    /// of the floor.
+    pub async fn create(with_debezium: bool, with_floor: bool) -> Result<BenchEnv> {
         let id = outbox_relay::writer::new_event_id()[14..].to_string();
         let db_name = format!("bench_{id}");
         let mut admin = PgConnection::connect(&admin_url())
@@ -81,6 +85,7 @@ impl BenchEnv {
         let brokers = brokers();
         let relay_prefix = format!("bench{id}r.");
         let dbz_prefix = format!("bench{id}d.");
+        let floor_prefix = format!("bench{id}f.");
         let mut env = BenchEnv {
             id,
             db_name,
@@ -88,13 +93,19 @@ impl BenchEnv {
             pool,
             brokers,
             mix,
+            catalog: Arc::new(catalog),
             relay_prefix,
             dbz_prefix,
+            floor_prefix,
             topics: Vec::new(),
         };
         let mut topics = env.peer_topics(&env.relay_prefix);
         if with_debezium {
             topics.extend(env.peer_topics(&env.dbz_prefix));
+        }
+        if with_floor {
+            // The same topics, partitions and configuration as the peers'.
+            topics.extend(env.peer_topics(&env.floor_prefix));
         }
         // Recorded before creating so that a partial failure still cleans up.
         env.topics = topics.clone();

@@ -12,6 +12,7 @@ mod analysis;
 mod chart;
 mod cpu;
 mod env;
+mod floor;
 mod kafka;
 mod procs;
 mod report;
@@ -27,6 +28,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::analysis::{join, latency, timeline};
 use crate::env::BenchEnv;
+use crate::floor::Floor;
 use crate::kafka::{Offsets, Watermarks};
 use crate::procs::{Debezium, RelayProcess};
 use crate::report::{Drain, Idle, Integrity, Load, Peer, Results, Tax};
@@ -60,6 +62,10 @@ struct Opts {
     /// Measure the relay only (no Debezium).
     #[arg(long)]
     relay_only: bool,
+    /// Skip the floor: a bare producer with the relay's producer settings at
+    /// the same rate (idle and steady), no PostgreSQL.
+    #[arg(long)]
+    no_floor: bool,
     /// Modes to run, comma separated: tax,drain,idle,steady,max.
     #[arg(long, value_delimiter = ',')]
     modes: Option<Vec<String>>,
@@ -224,25 +230,27 @@ async fn run(name: &str, opts: Opts, params: Params, with_dbz: bool) -> Result<(
             tokio::task::spawn_blocking(procs::build_relay).await??
         }
     };
-    let env = BenchEnv::create(with_dbz).await?;
+    let modes = opts.modes.clone().unwrap_or_else(|| {
+        ["tax", "drain", "idle", "steady", "max"]
+            .map(String::from)
+            .to_vec()
+    });
+    let with_floor = !opts.no_floor && modes.iter().any(|m| m == "idle" || m == "steady");
+    let env = BenchEnv::create(with_dbz, with_floor).await?;
     let out = opts
         .out
         .clone()
         .unwrap_or_else(|| procs::workspace_root().join(format!("bench/out/{name}-{}", env.id)));
     std::fs::create_dir_all(&out)?;
     eprintln!(
-        "[bench] run {} ({name}): database {}, topics {}* / {}*, output {}",
+        "[bench] run {} ({name}): database {}, topics {}* / {}* / {}* (floor), output {}",
         env.id,
         env.db_name,
         env.relay_prefix,
         env.dbz_prefix,
+        env.floor_prefix,
         out.display()
     );
-    let modes = opts.modes.clone().unwrap_or_else(|| {
-        ["tax", "drain", "idle", "steady", "max"]
-            .map(String::from)
-            .to_vec()
-    });
     let ctx = Ctx {
         env,
         params,
@@ -253,12 +261,15 @@ async fn run(name: &str, opts: Opts, params: Params, with_dbz: bool) -> Result<(
         modes,
     };
     let outcome = tokio::select! {
-        r = body(&ctx, with_dbz) => r,
+        r = body(&ctx, with_dbz, with_floor) => r,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     eprintln!("[bench] cleaning up run {}", ctx.env.id);
     ctx.env.cleanup().await;
-    let (tax, relay, debezium) = outcome?;
+    let (tax, relay, floor, debezium) = outcome?;
+    let over_floor = floor
+        .as_ref()
+        .map(|f| report::over_floor(&relay, f, debezium.as_ref()));
     let mut results = Results {
         run_id: ctx_id(&out),
         mode: name.to_string(),
@@ -267,6 +278,8 @@ async fn run(name: &str, opts: Opts, params: Params, with_dbz: bool) -> Result<(
         tax,
         relay,
         debezium,
+        floor,
+        over_floor,
         targets: Vec::new(),
     };
     results.targets = report::targets(&results);
@@ -320,19 +333,26 @@ fn host(bin: &Path) -> report::Host {
     }
 }
 
-async fn body(ctx: &Ctx, with_dbz: bool) -> Result<(Option<Tax>, Peer, Option<Peer>)> {
+type Peers = (Option<Tax>, Peer, Option<Peer>, Option<Peer>);
+
+async fn body(ctx: &Ctx, with_dbz: bool, with_floor: bool) -> Result<Peers> {
     let tax = if ctx.mode("tax") {
         Some(writer_tax(ctx, with_dbz).await?)
     } else {
         None
     };
     let relay = relay_peer(ctx, tax.as_ref().map(|t| t.outbox_rate)).await?;
+    let floor = if with_floor {
+        Some(floor_peer(ctx).await?)
+    } else {
+        None
+    };
     let dbz = if with_dbz {
         Some(debezium_peer(ctx, tax.as_ref().map(|t| t.dbz_rate)).await?)
     } else {
         None
     };
-    Ok((tax, relay, dbz))
+    Ok((tax, relay, floor, dbz))
 }
 
 /// Writers as fast as they can into each table with nothing relaying. The
@@ -447,18 +467,20 @@ enum Driver<'a> {
     Relay,
     /// The one Connect worker.
     Debezium(&'a Debezium),
+    /// The floor: a bare producer, no PostgreSQL (idle and steady only).
+    Floor(&'a Arc<Floor>),
 }
 
 impl Driver<'_> {
     fn shape(&self) -> Shape {
         match self {
-            Driver::Relay => Shape::Relay,
+            Driver::Relay | Driver::Floor(_) => Shape::Relay,
             Driver::Debezium(_) => Shape::Debezium,
         }
     }
     fn id_header(&self) -> &'static str {
         match self {
-            Driver::Relay => "ce_id",
+            Driver::Relay | Driver::Floor(_) => "ce_id",
             Driver::Debezium(_) => "id",
         }
     }
@@ -466,6 +488,7 @@ impl Driver<'_> {
         match self {
             Driver::Relay => "outbox-relay",
             Driver::Debezium(_) => "Debezium",
+            Driver::Floor(_) => "floor",
         }
     }
 }
@@ -689,22 +712,45 @@ async fn load_phase(
     let before = tokio::task::block_in_place(|| wm.read())?;
     let monitor = cpu::CpuMonitor::start(&ctx.env.db_name);
     let started_us = chrono::Utc::now().timestamp_micros();
-    let spec = WriteSpec {
-        shape: d.shape(),
-        writers,
-        rate,
-        duration: Duration::from_secs_f64(secs),
-        returning: true,
+    let w = if let Driver::Floor(f) = d {
+        let rate = rate.context("the floor runs paced modes only")?;
+        let w = f
+            .produce(
+                ctx.seq.clone(),
+                writers,
+                rate,
+                Duration::from_secs_f64(secs),
+            )
+            .await?;
+        check_errors(&w, "the floor's topics")?;
+        w
+    } else {
+        let spec = WriteSpec {
+            shape: d.shape(),
+            writers,
+            rate,
+            duration: Duration::from_secs_f64(secs),
+            returning: true,
+        };
+        let w = write(&ctx.env.db_url, ctx.env.mix.clone(), ctx.seq.clone(), spec).await?;
+        check_errors(&w, d.shape().table())?;
+        w
     };
-    let w = write(&ctx.env.db_url, ctx.env.mix.clone(), ctx.seq.clone(), spec).await?;
-    check_errors(&w, d.shape().table())?;
     let n = w.commits.len() as i64;
     let (_, after) = wait_appended(wm, before.total() + n, Duration::from_secs(600)).await?;
     let cpu = monitor.finish();
     let rss = match d {
         Driver::Debezium(dbz) => dbz.rss.take_peak(dbz.pid),
-        Driver::Relay => 0.0,
+        Driver::Relay | Driver::Floor(_) => 0.0,
     };
+    if let Driver::Floor(f) = d {
+        if let (n @ 1.., first) = f.failed() {
+            eprintln!(
+                "warning: floor: {n} deliveries failed, first: {}",
+                first.as_deref().unwrap_or("?")
+            );
+        }
+    }
     let rb = read_back(ctx, &before, &after, prefix, d.id_header()).await?;
     if let Some(p) = &rb.first_problem {
         eprintln!("warning: {p}");
@@ -762,6 +808,72 @@ async fn load_phase(
         cpu,
         timeline: tl,
     }))
+}
+
+/// The floor: a bare producer with the relay's producer settings, producing
+/// the relay's records at the same paced rate to topics of its own, with the
+/// same warm-up; idle and steady only.
+async fn floor_peer(ctx: &Ctx) -> Result<Peer> {
+    let wm = Arc::new(Watermarks::new(
+        &ctx.env.brokers,
+        ctx.env.peer_topics(&ctx.env.floor_prefix),
+        env::PARTITIONS,
+    )?);
+    let prefix = ctx.env.floor_prefix.clone();
+    let settings = floor::settings(&ctx.env.brokers, &ctx.opts.relay_env)?;
+    let f = Arc::new(Floor::new(
+        settings,
+        ctx.env.catalog.clone(),
+        ctx.env.mix.clone(),
+        &prefix,
+    )?);
+    eprintln!("[bench] floor: a bare producer ({})", f.describe());
+    let mut peer = Peer {
+        name: "floor".into(),
+        drain: None,
+        idle: None,
+        steady: None,
+        max: None,
+        max_rate_without: None,
+    };
+    // The peers' warm-up: the producer's connections and metadata, the
+    // broker's first appends to each partition.
+    let before = tokio::task::block_in_place(|| wm.read())?;
+    let w = f
+        .produce(
+            ctx.seq.clone(),
+            ctx.params.steady_writers,
+            ctx.params.steady_rate.min(2000.0),
+            Duration::from_secs_f64(ctx.params.warmup_secs),
+        )
+        .await?;
+    check_errors(&w, "the floor's topics")?;
+    wait_appended(
+        &wm,
+        before.total() + w.commits.len() as i64,
+        Duration::from_secs(300),
+    )
+    .await
+    .context("floor warm-up: events did not reach Kafka")?;
+    eprintln!(
+        "[bench] floor warm-up: {} events delivered",
+        w.commits.len()
+    );
+    let d = Driver::Floor(&f);
+    for mode in ["idle", "steady"] {
+        if !ctx.mode(mode) {
+            continue;
+        }
+        ctx.env.checkpoint().await?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match (mode, load_phase(ctx, &d, &wm, &prefix, mode).await?) {
+            ("idle", Phase::Idle(x)) => peer.idle = Some(x),
+            (_, Phase::Load(x)) => peer.steady = Some(x),
+            _ => unreachable!(),
+        }
+    }
+    tokio::task::block_in_place(|| f.flush());
+    Ok(peer)
 }
 
 async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {

@@ -104,7 +104,111 @@ pub struct Results {
     pub tax: Option<Tax>,
     pub relay: Peer,
     pub debezium: Option<Peer>,
+    /// The floor: a bare producer with the relay's producer settings at the
+    /// same rate, no PostgreSQL; its latency is send → append (idle and
+    /// steady only).
+    pub floor: Option<Peer>,
+    /// Each peer's latency minus the floor's.
+    pub over_floor: Option<OverFloor>,
     pub targets: Vec<Target>,
+}
+
+/// What each peer adds over the floor, ms (`None` where a mode did not run).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OverFloor {
+    pub relay_steady_p50_ms: Option<f64>,
+    pub relay_steady_p99_ms: Option<f64>,
+    pub relay_idle_p50_ms: Option<f64>,
+    pub debezium_steady_p50_ms: Option<f64>,
+    pub debezium_steady_p99_ms: Option<f64>,
+    pub debezium_idle_p50_ms: Option<f64>,
+}
+
+pub fn over_floor(relay: &Peer, floor: &Peer, debezium: Option<&Peer>) -> OverFloor {
+    let steady = |p: &Peer, f: fn(&Latency) -> f64| {
+        Some(f(&p.steady.as_ref()?.latency) - f(&floor.steady.as_ref()?.latency))
+    };
+    let idle =
+        |p: &Peer| Some(p.idle.as_ref()?.latency.p50_ms - floor.idle.as_ref()?.latency.p50_ms);
+    OverFloor {
+        relay_steady_p50_ms: steady(relay, |l| l.p50_ms),
+        relay_steady_p99_ms: steady(relay, |l| l.p99_ms),
+        relay_idle_p50_ms: idle(relay),
+        debezium_steady_p50_ms: debezium.and_then(|d| steady(d, |l| l.p50_ms)),
+        debezium_steady_p99_ms: debezium.and_then(|d| steady(d, |l| l.p99_ms)),
+        debezium_idle_p50_ms: debezium.and_then(idle),
+    }
+}
+
+/// The floor's table: its idle and steady latency beside each peer's and
+/// the difference, then the p99 differences in a line each.
+fn floor_section(r: &Results, floor: &Peer) -> String {
+    let d = r.debezium.as_ref();
+    let mut s = String::from(
+        "\nThe floor: a bare producer with the relay's producer configuration (acks=all, \
+         idempotence, the relay's compression and linger.ms) producing the same events, keys and sizes at the same rate to topics \
+         of its own, no PostgreSQL; its latency runs from just before `send` to the broker's \
+         append.\n\n",
+    );
+    if d.is_some() {
+        s.push_str(
+            "| measure | floor | outbox-relay | relay − floor | Debezium 3.6.1 | Debezium − floor |\n\
+             |---|---:|---:|---:|---:|---:|\n",
+        );
+    } else {
+        s.push_str("| measure | floor | outbox-relay | relay − floor |\n|---|---:|---:|---:|\n");
+    }
+    type Pick = fn(&Peer) -> Option<f64>;
+    let rows: [(&str, Pick); 6] = [
+        ("steady p50, ms", |p| {
+            Some(p.steady.as_ref()?.latency.p50_ms)
+        }),
+        ("steady p90, ms", |p| {
+            Some(p.steady.as_ref()?.latency.p90_ms)
+        }),
+        ("steady p99, ms", |p| {
+            Some(p.steady.as_ref()?.latency.p99_ms)
+        }),
+        ("steady max, ms", |p| {
+            Some(p.steady.as_ref()?.latency.max_ms)
+        }),
+        ("idle single event p50, ms", |p| {
+            Some(p.idle.as_ref()?.latency.p50_ms)
+        }),
+        ("idle single event max, ms", |p| {
+            Some(p.idle.as_ref()?.latency.max_ms)
+        }),
+    ];
+    let cell = |v: Option<f64>| v.map_or("–".into(), fmt_ms);
+    let diff = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => fmt_ms(a - b),
+        _ => "–".into(),
+    };
+    for (label, pick) in rows {
+        let Some(fv) = pick(floor) else { continue };
+        let rv = pick(&r.relay);
+        s.push_str(&format!(
+            "| {label} | {} | {} | {} |",
+            fmt_ms(fv),
+            cell(rv),
+            diff(rv, Some(fv))
+        ));
+        if let Some(d) = d {
+            let dv = pick(d);
+            s.push_str(&format!(" {} | {} |", cell(dv), diff(dv, Some(fv))));
+        }
+        s.push('\n');
+    }
+    if let Some(o) = &r.over_floor {
+        s.push('\n');
+        if let Some(x) = o.relay_steady_p99_ms {
+            s.push_str(&format!("relay p99 − floor p99 = {x:.1} ms (steady)\n"));
+        }
+        if let Some(x) = o.debezium_steady_p99_ms {
+            s.push_str(&format!("Debezium p99 − floor p99 = {x:.1} ms (steady)\n"));
+        }
+    }
+    s
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -299,6 +403,9 @@ pub fn markdown(r: &Results) -> String {
             s.push_str(&format!("| {} | {} |\n", row.label, (row.fmt)(rv)));
         }
     }
+    if let Some(f) = &r.floor {
+        s.push_str(&floor_section(r, f));
+    }
     if let Some(t) = &r.tax {
         s.push_str(&format!(
             "\nWriter tax ({} writers, {:.0} s per table, single-event transactions, nothing relaying): \
@@ -318,7 +425,7 @@ pub fn markdown(r: &Results) -> String {
         s.push_str(".\n");
     }
     let mut integrity = Vec::new();
-    for p in std::iter::once(rl).chain(d) {
+    for p in std::iter::once(rl).chain(d).chain(r.floor.as_ref()) {
         let parts: [(&str, Option<&Integrity>); 4] = [
             ("drain", p.drain.as_ref().map(|x| &x.integrity)),
             ("idle", p.idle.as_ref().map(|x| &x.integrity)),
@@ -335,7 +442,7 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     s.push_str(&format!("\nDelivery check: {}.\n", integrity.join("; ")));
-    for p in std::iter::once(rl).chain(d) {
+    for p in std::iter::once(rl).chain(d).chain(r.floor.as_ref()) {
         let splits = [
             ("drain", p.drain.as_ref().map(|x| &x.cpu)),
             ("steady", p.steady.as_ref().map(|x| &x.cpu)),
@@ -471,6 +578,14 @@ pub fn targets(r: &Results) -> Vec<Target> {
             met: peak <= 64.0,
         });
     }
+    if let Some(x) = r.over_floor.as_ref().and_then(|o| o.relay_steady_p99_ms) {
+        t.push(Target {
+            name: "steady p99 over the floor (bare producer)".into(),
+            goal: "≤ 10 ms".into(),
+            value: format!("{} ms", fmt_ms(x)),
+            met: x <= 10.0,
+        });
+    }
     if let Some(d) = d {
         if let (Some(a), Some(b)) = (&rl.drain, &d.drain) {
             let x = a.events_per_s / b.events_per_s;
@@ -491,12 +606,15 @@ pub fn targets(r: &Results) -> Vec<Target> {
             });
         }
     }
-    let all_delivered = std::iter::once(rl).chain(d).all(|p| {
-        p.drain.as_ref().is_none_or(|x| x.integrity.ok())
-            && p.idle.as_ref().is_none_or(|x| x.integrity.ok())
-            && p.steady.as_ref().is_none_or(|x| x.integrity.ok())
-            && p.max.as_ref().is_none_or(|x| x.integrity.ok())
-    });
+    let all_delivered = std::iter::once(rl)
+        .chain(d)
+        .chain(r.floor.as_ref())
+        .all(|p| {
+            p.drain.as_ref().is_none_or(|x| x.integrity.ok())
+                && p.idle.as_ref().is_none_or(|x| x.integrity.ok())
+                && p.steady.as_ref().is_none_or(|x| x.integrity.ok())
+                && p.max.as_ref().is_none_or(|x| x.integrity.ok())
+        });
     t.push(Target {
         name: "every event delivered, on its topic and key".into(),
         goal: "0 missing, 0 misrouted".into(),
