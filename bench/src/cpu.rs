@@ -30,6 +30,7 @@ struct Proc {
 pub struct CpuMonitor {
     stop: Arc<AtomicBool>,
     procs: Arc<Mutex<HashMap<u32, Proc>>>,
+    db_name: String,
     handle: Option<std::thread::JoinHandle<()>>,
     started: Instant,
     busy0: (u64, u64),
@@ -131,8 +132,30 @@ impl CpuMonitor {
             stop,
             procs,
             handle: Some(handle),
+            db_name: db_name.to_string(),
             started: Instant::now(),
             busy0: machine(),
+        }
+    }
+
+    /// Charges these processes to `component` instead of the one their
+    /// name gives (e.g. one peer's PostgreSQL backends among the run's).
+    /// Processes not seen yet are recorded now, from their current time.
+    pub fn relabel(&self, pids: &[u32], component: &'static str) {
+        let mut map = self.procs.lock().expect("cpu monitor lock");
+        for &pid in pids {
+            if let Some(p) = map.get_mut(&pid) {
+                p.component = component;
+            } else if let Some(t) = ticks(pid) {
+                map.insert(
+                    pid,
+                    Proc {
+                        component,
+                        first: t,
+                        last: t,
+                    },
+                );
+            }
         }
     }
 
@@ -141,6 +164,8 @@ impl CpuMonitor {
         if let Some(h) = self.handle.take() {
             let _ = h.join();
         }
+        // A last sample, so the phase's end is counted up to now.
+        scan(&self.procs, &self.db_name, false);
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         let mut by: HashMap<&'static str, u64> = HashMap::new();

@@ -194,6 +194,24 @@ impl BenchEnv {
         Ok(())
     }
 
+    /// The PostgreSQL backends (pids) of this run's database that a peer
+    /// holds: the relay's sessions (`application_name` `outbox-relay`,
+    /// `outbox-relay-leases`) or, for Debezium, every session that names
+    /// itself (its JDBC connections and its WAL sender); the harness's own
+    /// sessions set no application name.
+    pub async fn peer_backends(&self, relay: bool) -> Result<Vec<u32>> {
+        let sql = if relay {
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'outbox-relay%'"
+        } else {
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+             AND pid <> pg_backend_pid() AND application_name <> '' \
+             AND backend_type IN ('client backend', 'walsender')"
+        };
+        let pids: Vec<i32> = sqlx::query_scalar(sql).fetch_all(&self.pool).await?;
+        Ok(pids.into_iter().map(|p| p as u32).collect())
+    }
+
     pub async fn outbox_empty(&self) -> Result<bool> {
         Ok(
             sqlx::query_scalar("SELECT NOT EXISTS (SELECT 1 FROM outbox)")

@@ -31,7 +31,7 @@ use crate::env::BenchEnv;
 use crate::floor::Floor;
 use crate::kafka::{Offsets, Watermarks};
 use crate::procs::{Debezium, RelayProcess};
-use crate::report::{Drain, Idle, Integrity, Load, Peer, Results, Tax};
+use crate::report::{Drain, EmptyOutbox, Idle, Integrity, Load, Peer, Results, Tax};
 use crate::workload::{write, Shape, WriteSpec};
 
 #[derive(Parser)]
@@ -85,6 +85,9 @@ struct Opts {
     max_writers: Option<usize>,
     #[arg(long)]
     tax_secs: Option<f64>,
+    /// Idle mode: seconds the CPU of an empty outbox is measured for.
+    #[arg(long)]
+    empty_secs: Option<f64>,
     /// Extra environment for the relay process (KEY=VALUE, repeatable),
     /// e.g. OUTBOX_RELAY_RELAY__BATCH_SIZE=5000.
     #[arg(long = "relay-env", value_parser = parse_kv)]
@@ -119,6 +122,8 @@ struct Params {
     max_secs: f64,
     max_writers: usize,
     tax_secs: f64,
+    /// Idle mode: the empty outbox's CPU is measured this long.
+    empty_secs: f64,
     /// Debezium runs paced load this long first, so its JVM is warm.
     warmup_secs: f64,
 }
@@ -134,6 +139,7 @@ impl Params {
             max_secs: 2.0,
             max_writers: 4,
             tax_secs: 1.0,
+            empty_secs: 2.0,
             warmup_secs: 2.0,
         }
     }
@@ -147,6 +153,7 @@ impl Params {
             max_secs: 5.0,
             max_writers: 16,
             tax_secs: 3.0,
+            empty_secs: 10.0,
             warmup_secs: 5.0,
         }
     }
@@ -160,6 +167,7 @@ impl Params {
             max_secs: 20.0,
             max_writers: 16,
             tax_secs: 10.0,
+            empty_secs: 30.0,
             warmup_secs: 15.0,
         }
     }
@@ -175,7 +183,8 @@ impl Params {
             steady_writers,
             max_secs,
             max_writers,
-            tax_secs
+            tax_secs,
+            empty_secs
         );
         self
     }
@@ -550,6 +559,7 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         idle: None,
         steady: None,
         max: None,
+        empty_outbox: None,
         max_rate_without: rate_without,
     };
     let prefix = ctx.env.relay_prefix.clone();
@@ -607,10 +617,18 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         // processes, not in their first seconds (connection pools, plan
         // caches, producer metadata, the JIT).
         warm_up(ctx, Shape::Relay, &wm, "outbox-relay").await?;
+        if mode == "idle" {
+            // Kafka holds the warm-up; the relay deletes its rows right after.
+            wait_outbox_empty(ctx).await?;
+        }
         ctx.env.vacuum("outbox").await?;
         ctx.env.checkpoint().await?;
         // Let the relay settle into its idle loop before the first event.
         tokio::time::sleep(Duration::from_millis(500)).await;
+        if mode == "idle" {
+            let pid = run.proc.pid();
+            peer.empty_outbox = Some(empty_outbox(ctx, "outbox-relay", &[pid], true).await?);
+        }
         let result = load_phase(ctx, &Driver::Relay, &wm, &prefix, mode).await;
         let rss = run.stop()?;
         let timings = procs::batch_timings(&ctx.out.join(format!("relay-{mode}.log")));
@@ -633,6 +651,67 @@ async fn relay_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         }
     }
     Ok(peer)
+}
+
+async fn wait_outbox_empty(ctx: &Ctx) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !ctx.env.outbox_empty().await? {
+        if Instant::now() > deadline {
+            bail!("the relay's outbox is not empty 60 s after its warm-up");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// The CPU an empty outbox costs a peer: nothing is written (the warm-up's
+/// writers have finished and no other phase runs) for `empty_secs` while
+/// every process's CPU time is sampled; the peer's process (`pids`) and its
+/// own backends in this run's database are summed, in percent of one core.
+/// The Kafka broker, PostgreSQL's shared processes and the harness are shown
+/// in the split but not counted.
+async fn empty_outbox(ctx: &Ctx, name: &str, pids: &[u32], relay: bool) -> Result<EmptyOutbox> {
+    // By pid: other relays or Connect workers on the machine are not this one.
+    let (process, sessions) = if relay {
+        ("the relay (this run)", "postgres: the relay's sessions")
+    } else {
+        ("Kafka Connect (this run)", "postgres: Debezium's sessions")
+    };
+    let secs = ctx.params.empty_secs;
+    let monitor = cpu::CpuMonitor::start(&ctx.env.db_name);
+    monitor.relabel(pids, process);
+    let backends = ctx.env.peer_backends(relay).await?;
+    monitor.relabel(&backends, sessions);
+    tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+    // Sessions opened during the window (a reconnect) count too.
+    let mut after = ctx.env.peer_backends(relay).await?;
+    monitor.relabel(&after, sessions);
+    let split = monitor.finish();
+    after.extend(backends);
+    after.sort_unstable();
+    after.dedup();
+    let cpu_of = |c: &str| {
+        split
+            .cpu_s
+            .iter()
+            .filter(|(n, _)| n == c)
+            .map(|(_, s)| s)
+            .sum::<f64>()
+    };
+    let pct = |c: &str| cpu_of(c) / split.wall_s.max(1e-9) * 100.0;
+    let (process_pct, postgres_pct) = (pct(process), pct(sessions));
+    let e = EmptyOutbox {
+        seconds: split.wall_s,
+        process_pct,
+        postgres_pct,
+        postgres_sessions: after.len(),
+        total_pct: process_pct + postgres_pct,
+        kafka_broker_pct: pct("kafka broker"),
+        machine_busy_pct: split.machine_busy_pct,
+        cpu: split,
+    };
+    eprintln!("[bench] {}", report::empty_outbox_line(name, &e));
+    Ok(e)
 }
 
 /// Paced load that is not measured, so that each peer is measured as a
@@ -834,6 +913,7 @@ async fn floor_peer(ctx: &Ctx) -> Result<Peer> {
         idle: None,
         steady: None,
         max: None,
+        empty_outbox: None,
         max_rate_without: None,
     };
     // The peers' warm-up: the producer's connections and metadata, the
@@ -895,11 +975,21 @@ async fn debezium_peer(ctx: &Ctx, rate_without: Option<f64>) -> Result<Peer> {
         idle: None,
         steady: None,
         max: None,
+        empty_outbox: None,
         max_rate_without: rate_without,
     };
     let result: Result<()> = async {
         warm_up(ctx, Shape::Debezium, &wm, "Debezium").await?;
         ctx.env.truncate("dbz_outbox").await?;
+        if ctx.mode("idle") {
+            ctx.env.checkpoint().await?;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            // For comparison only: a failure here does not end the run.
+            match empty_outbox(ctx, "Debezium", &[dbz.pid], false).await {
+                Ok(e) => peer.empty_outbox = Some(e),
+                Err(e) => eprintln!("warning: Debezium empty outbox: {e:#}"),
+            }
+        }
         for mode in ["idle", "steady", "max"] {
             if !ctx.mode(mode) {
                 continue;

@@ -44,6 +44,26 @@ pub struct Idle {
     pub integrity: Integrity,
 }
 
+/// What an empty outbox costs a peer: the CPU of its process and of its
+/// PostgreSQL sessions over `seconds` with nothing written, after its
+/// warm-up, in percent of one core.
+#[derive(Debug, Clone, Serialize)]
+pub struct EmptyOutbox {
+    pub seconds: f64,
+    /// The relay process (Debezium: the Kafka Connect worker).
+    pub process_pct: f64,
+    /// The peer's own backends in this run's database.
+    pub postgres_pct: f64,
+    pub postgres_sessions: usize,
+    /// `process_pct + postgres_pct`.
+    pub total_pct: f64,
+    /// Shown, not part of the sum.
+    pub kafka_broker_pct: f64,
+    /// Busy share of all cores over the window, percent.
+    pub machine_busy_pct: f64,
+    pub cpu: crate::cpu::CpuSplit,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Load {
     pub writers: usize,
@@ -70,6 +90,8 @@ pub struct Peer {
     pub idle: Option<Idle>,
     pub steady: Option<Load>,
     pub max: Option<Load>,
+    /// Idle mode: the CPU an empty outbox costs, before the idle events.
+    pub empty_outbox: Option<EmptyOutbox>,
     /// Writer commit rate into this peer's outbox shape with nothing relaying.
     pub max_rate_without: Option<f64>,
 }
@@ -226,6 +248,10 @@ fn fmt_rate(v: f64) -> String {
     }
 }
 
+fn fmt_pct(v: f64) -> String {
+    format!("{v:.1} %")
+}
+
 fn fmt_ms(v: f64) -> String {
     if v.is_nan() {
         "–".into()
@@ -314,6 +340,13 @@ pub fn markdown(r: &Results) -> String {
             relay: rl.idle.as_ref().map(|x| x.latency.max_ms),
             dbz: d.and_then(|d| d.idle.as_ref().map(|x| x.latency.max_ms)),
             fmt: fmt_ms,
+            higher_is_better: Some(false),
+        },
+        Row {
+            label: "idle, empty outbox: CPU of one core, relay + its PostgreSQL sessions",
+            relay: rl.empty_outbox.as_ref().map(|x| x.total_pct),
+            dbz: d.and_then(|d| d.empty_outbox.as_ref().map(|x| x.total_pct)),
+            fmt: fmt_pct,
             higher_is_better: Some(false),
         },
         Row {
@@ -442,6 +475,11 @@ pub fn markdown(r: &Results) -> String {
         }
     }
     s.push_str(&format!("\nDelivery check: {}.\n", integrity.join("; ")));
+    for p in std::iter::once(rl).chain(d) {
+        if let Some(e) = &p.empty_outbox {
+            s.push_str(&format!("\n{}\n", empty_outbox_line(&p.name, e)));
+        }
+    }
     for p in std::iter::once(rl).chain(d).chain(r.floor.as_ref()) {
         let splits = [
             ("drain", p.drain.as_ref().map(|x| &x.cpu)),
@@ -510,6 +548,26 @@ pub fn markdown(r: &Results) -> String {
     s
 }
 
+/// One line on what an empty outbox cost a peer.
+pub fn empty_outbox_line(name: &str, e: &EmptyOutbox) -> String {
+    let process = if name == "outbox-relay" {
+        "relay"
+    } else {
+        "Kafka Connect"
+    };
+    format!(
+        "{name} empty outbox: {process} {:.1} % + PostgreSQL {:.1} % ({} sessions) = {:.1} % of one core \
+         over {:.0} s, nothing written; Kafka broker {:.1} % (not counted), machine {:.0} % busy",
+        e.process_pct,
+        e.postgres_pct,
+        e.postgres_sessions,
+        e.total_pct,
+        e.seconds,
+        e.kafka_broker_pct,
+        e.machine_busy_pct
+    )
+}
+
 /// The issue's targets, checked against this run.
 pub fn targets(r: &Results) -> Vec<Target> {
     let mut t = Vec::new();
@@ -546,6 +604,17 @@ pub fn targets(r: &Results) -> Vec<Target> {
                 fmt_ms(x.latency.max_ms)
             ),
             met: x.latency.max_ms <= 15.0,
+        });
+    }
+    if let Some(x) = &rl.empty_outbox {
+        t.push(Target {
+            name: "empty outbox, relay + its PostgreSQL sessions".into(),
+            goal: "≤ 2 % of one core".into(),
+            value: format!(
+                "{:.1} % ({:.1} % + {:.1} %) over {:.0} s",
+                x.total_pct, x.process_pct, x.postgres_pct, x.seconds
+            ),
+            met: x.total_pct <= 2.0,
         });
     }
     if let Some(x) = &rl.max {
