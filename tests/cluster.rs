@@ -520,7 +520,21 @@ async fn topics_ensure_on_three_brokers_replicates_and_reports_min_insync_drift(
         .unwrap();
     assert!(res.iter().all(|r| r.is_ok()), "{res:?}");
 
-    let drift = ensure(&[]);
+    // A topic's configuration reaches every broker through the metadata
+    // log, a moment after AlterConfigs returns; the CLI may ask a broker
+    // that has not applied it yet.
+    let settle = |wanted: &dyn Fn(&BTreeMap<String, Value>) -> bool| {
+        let mut last = ensure(&[]);
+        for _ in 0..40 {
+            if wanted(&last) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            last = ensure(&[]);
+        }
+        last
+    };
+    let drift = settle(&|r| r[&auth]["action"] == "drift");
     assert_eq!(drift[&auth]["action"], "drift");
     assert_eq!(
         drift[&auth]["changes"],
@@ -537,7 +551,7 @@ async fn topics_ensure_on_three_brokers_replicates_and_reports_min_insync_drift(
     let applied = ensure(&["--apply"]);
     assert_eq!(applied[&auth]["applied"], true);
     assert_eq!(applied[&auth]["min_insync_replicas"], 2);
-    let settled = ensure(&[]);
+    let settled = settle(&|r| r.values().all(|r| r["action"] == "up_to_date"));
     assert!(
         settled.values().all(|r| r["action"] == "up_to_date"),
         "{settled:?}"
