@@ -212,18 +212,7 @@ impl Floor {
                 (commits, errors, first_error)
             }));
         }
-        let mut report = WriteReport::default();
-        for t in tasks {
-            let (c, e, fe) = t.await?;
-            report.commits.extend(c);
-            report.errors += e;
-            if report.first_error.is_none() {
-                report.first_error = fe;
-            }
-        }
-        report.elapsed = start.elapsed();
-        report.commits.sort_by_key(|c| c.seq);
-        Ok(report)
+        WriteReport::collect(tasks, start).await
     }
 
     /// Deliveries that failed so far, and the first error.

@@ -354,9 +354,32 @@ pub struct WriteReport {
     pub first_error: Option<String>,
 }
 
+/// What one writer task returns: its commits, its error count, its first error.
+pub type WriterResult = (Vec<Commit>, u64, Option<String>);
+
 impl WriteReport {
     pub fn rate(&self) -> f64 {
         self.commits.len() as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Joins the writer tasks started at `start` into one report, commits
+    /// in sequence order.
+    pub async fn collect(
+        tasks: Vec<tokio::task::JoinHandle<WriterResult>>,
+        start: Instant,
+    ) -> Result<WriteReport> {
+        let mut report = WriteReport::default();
+        for t in tasks {
+            let (c, e, fe) = t.await?;
+            report.commits.extend(c);
+            report.errors += e;
+            if report.first_error.is_none() {
+                report.first_error = fe;
+            }
+        }
+        report.elapsed = start.elapsed();
+        report.commits.sort_by_key(|c| c.seq);
+        Ok(report)
     }
 }
 
@@ -495,18 +518,7 @@ pub async fn write(
             (commits, errors, first_error)
         }));
     }
-    let mut report = WriteReport::default();
-    for t in tasks {
-        let (c, e, fe) = t.await?;
-        report.commits.extend(c);
-        report.errors += e;
-        if report.first_error.is_none() {
-            report.first_error = fe;
-        }
-    }
-    report.elapsed = start.elapsed();
-    report.commits.sort_by_key(|c| c.seq);
-    Ok(report)
+    WriteReport::collect(tasks, start).await
 }
 
 /// Inserts `n` events in multi-row transactions of `batch` (the pending

@@ -892,38 +892,30 @@ mod tests {
         assert_eq!(typed.amount_cents, 5);
     }
 
+    /// Keys the kit sets itself, and the connection's keys, which belong to
+    /// the `[kafka]` settings: a passthrough may set neither.
     #[tokio::test]
-    async fn owned_librdkafka_keys_are_refused() {
-        let mut s = ConsumerSettings::new("m", KafkaSettings::default());
-        s.librdkafka
-            .insert("enable.auto.commit".into(), "true".into());
-        let pool = sqlx::PgPool::connect_lazy("postgres://localhost/x").unwrap();
-        let manifest = Manifest::parse("m.json", r#"{"name": "m"}"#).unwrap();
-        let err = Consumer::new(&manifest, catalog(), pool, s)
-            .err()
-            .unwrap()
-            .to_string();
-        assert_eq!(
-            err,
-            "consumer setting `librdkafka`: `enable.auto.commit` is set by the consumer kit"
-        );
-    }
-
-    #[tokio::test]
-    async fn connection_keys_are_refused_naming_the_setting_that_owns_them() {
-        let mut s = ConsumerSettings::new("m", KafkaSettings::default());
-        s.librdkafka
-            .insert("sasl.password".into(), "hunter2".into());
-        let pool = sqlx::PgPool::connect_lazy("postgres://localhost/x").unwrap();
-        let manifest = Manifest::parse("m.json", r#"{"name": "m"}"#).unwrap();
-        let err = Consumer::new(&manifest, catalog(), pool, s)
-            .err()
-            .unwrap()
-            .to_string();
-        assert_eq!(
-            err,
-            "consumer setting `librdkafka`: `sasl.password` is set from kafka.sasl.password; set that instead"
-        );
+    async fn owned_librdkafka_keys_are_refused_naming_their_owner() {
+        for (key, expected) in [
+            (
+                "enable.auto.commit",
+                "consumer setting `librdkafka`: `enable.auto.commit` is set by the consumer kit",
+            ),
+            (
+                "sasl.password",
+                "consumer setting `librdkafka`: `sasl.password` is set from kafka.sasl.password; set that instead",
+            ),
+        ] {
+            let mut s = ConsumerSettings::new("m", KafkaSettings::default());
+            s.librdkafka.insert(key.into(), "x".into());
+            let pool = sqlx::PgPool::connect_lazy("postgres://localhost/x").unwrap();
+            let manifest = Manifest::parse("m.json", r#"{"name": "m"}"#).unwrap();
+            let err = Consumer::new(&manifest, catalog(), pool, s)
+                .err()
+                .unwrap()
+                .to_string();
+            assert_eq!(err, expected);
+        }
     }
 
     #[test]
