@@ -9,7 +9,9 @@
 //! Safety: a lease is trusted locally only until `renewal start + ttl -
 //! margin`, measured on this process's monotonic clock from *before* the
 //! renewal request, so it always ends before the database lets another
-//! relay take it.
+//! relay take it. A lease taken over from an owner whose lease *expired*
+//! is not published until that owner's producer can no longer deliver what
+//! it queued (`Leases::new`'s `takeover_fence`, see `outbox_lease_acquire`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -20,7 +22,7 @@ use sqlx::{ConnectOptions, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use crate::backoff::db_backoff;
-use crate::config::LeaseSettings;
+use crate::config::{KafkaSettings, LeaseSettings};
 use crate::{metrics, sql};
 
 /// The lease side of readiness.
@@ -64,6 +66,10 @@ pub trait Activity: Send + Sync {
 struct Held {
     epoch: i64,
     valid_until: Instant,
+    /// Taken over from an owner whose lease expired: not claimed before
+    /// this, when whatever that owner's producer still held has been
+    /// delivered or expired.
+    fenced_until: Option<Instant>,
 }
 
 #[derive(Debug, Default)]
@@ -77,6 +83,9 @@ struct View {
 pub struct Leases {
     relay_id: String,
     settings: LeaseSettings,
+    /// How long after a former owner's expiry its producer may still
+    /// deliver: `kafka.message_timeout_ms` plus a margin.
+    takeover_fence: Duration,
     view: Mutex<View>,
     /// Every batch in flight holds a read guard until it has settled; handing
     /// a lease back takes the write guard, so it waits for them.
@@ -93,16 +102,33 @@ pub struct Usable {
     pub epochs: Vec<i64>,
 }
 
+impl Usable {
+    /// Keeps the partitions (with their epochs) for which `keep` holds.
+    pub fn retain(&mut self, mut keep: impl FnMut(i16, i64) -> bool) {
+        let (vps, epochs): (Vec<i16>, Vec<i64>) = self
+            .vpartitions
+            .iter()
+            .copied()
+            .zip(self.epochs.iter().copied())
+            .filter(|(vp, epoch)| keep(*vp, *epoch))
+            .unzip();
+        self.vpartitions = vps;
+        self.epochs = epochs;
+    }
+}
+
 impl Leases {
     pub fn new(
         relay_id: String,
         source: String,
         host: String,
         settings: LeaseSettings,
+        takeover_fence: Duration,
     ) -> Arc<Leases> {
         Arc::new(Leases {
             relay_id,
             settings,
+            takeover_fence,
             view: Mutex::new(View::default()),
             step_gate: Arc::new(tokio::sync::RwLock::new(())),
             source,
@@ -120,14 +146,18 @@ impl Leases {
         Duration::from_millis(self.settings.ttl_ms / 5)
     }
 
-    /// Partitions held for at least the margin and not being handed back.
+    /// Partitions held for at least the margin, past their takeover fence
+    /// and not being handed back.
     pub fn usable(&self) -> Usable {
         let now = Instant::now();
         let margin = self.margin();
         let view = self.view.lock().expect("lease view");
         let mut u = Usable::default();
         for (vp, h) in &view.held {
-            if h.valid_until > now + margin && !view.releasing.contains(vp) {
+            if h.valid_until > now + margin
+                && h.fenced_until.is_none_or(|f| f <= now)
+                && !view.releasing.contains(vp)
+            {
                 u.vpartitions.push(*vp);
                 u.epochs.push(h.epoch);
             }
@@ -148,15 +178,41 @@ impl Leases {
         self.view.lock().expect("lease view").held.len()
     }
 
-    fn replace(&self, renewed: &[(i16, i64)], acquired: &[(i16, i64)], valid_until: Instant) {
+    fn replace(
+        &self,
+        renewed: &[(i16, i64)],
+        acquired: &[(i16, i64, i32)],
+        valid_until: Instant,
+        now: Instant,
+    ) {
         let mut view = self.view.lock().expect("lease view");
         let mut held = BTreeMap::new();
-        for (vp, epoch) in renewed.iter().chain(acquired) {
+        for (vp, epoch) in renewed {
+            // A renewed lease keeps the fence it was taken over with.
+            let fenced_until = view
+                .held
+                .get(vp)
+                .filter(|h| h.epoch == *epoch)
+                .and_then(|h| h.fenced_until)
+                .filter(|f| *f > now);
             held.insert(
                 *vp,
                 Held {
                     epoch: *epoch,
                     valid_until,
+                    fenced_until,
+                },
+            );
+        }
+        for (vp, epoch, fenced_ms) in acquired {
+            let fenced_until =
+                (*fenced_ms > 0).then(|| now + Duration::from_millis(*fenced_ms as u64));
+            held.insert(
+                *vp,
+                Held {
+                    epoch: *epoch,
+                    valid_until,
+                    fenced_until,
                 },
             );
         }
@@ -196,12 +252,27 @@ impl Leases {
         let live = sql::live_relays(conn, ttl).await?.max(1) as usize;
         let fair = total.div_ceil(live);
         let acquired = if renewed.len() < fair {
-            sql::lease_acquire(conn, &self.relay_id, ttl, fair - renewed.len()).await?
+            let fence = self.takeover_fence.as_millis() as u64;
+            sql::lease_acquire(conn, &self.relay_id, ttl, fair - renewed.len(), fence).await?
         } else {
             Vec::new()
         };
+        let fenced: Vec<i16> = acquired
+            .iter()
+            .filter(|(_, _, ms)| *ms > 0)
+            .map(|(vp, _, _)| *vp)
+            .collect();
+        if let Some(longest) = acquired
+            .iter()
+            .map(|(_, _, ms)| *ms)
+            .max()
+            .filter(|ms| *ms > 0)
+        {
+            tracing::info!(vpartitions = ?fenced, wait_ms = longest,
+                "took over leases that expired; publishing them once the former owner's producer can no longer deliver");
+        }
         let valid_until = started + Duration::from_millis(ttl);
-        self.replace(&renewed, &acquired, valid_until);
+        self.replace(&renewed, &acquired, valid_until, Instant::now());
         let mut extras = Vec::new();
         let mut view = self.view.lock().expect("lease view");
         let held = view.held.len();
@@ -224,6 +295,18 @@ impl Leases {
         Ok(extras)
     }
 }
+
+/// How long after a former owner's lease expired its producer may still
+/// deliver a message it queued while the lease held: librdkafka expires a
+/// queued message `message.timeout.ms` after it was queued, checking once a
+/// second and always before it transmits after a pause; the margin covers
+/// that second and the request's way to the broker. Relays of one outbox
+/// must share `kafka.message_timeout_ms` (each assumes the others' is its own).
+pub fn takeover_fence(kafka: &KafkaSettings) -> Duration {
+    Duration::from_millis(kafka.message_timeout_ms) + TAKEOVER_MARGIN
+}
+
+const TAKEOVER_MARGIN: Duration = Duration::from_secs(2);
 
 async fn connect(url: &str) -> sqlx::Result<PgConnection> {
     url.parse::<PgConnectOptions>()?

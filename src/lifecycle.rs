@@ -169,6 +169,7 @@ async fn run_source(
             source.name.clone(),
             hostname(),
             settings.leases.clone(),
+            lease::takeover_fence(&settings.kafka),
         );
         relay = relay.with_leases(leases.clone());
         let lease_health = health.clone();

@@ -119,7 +119,8 @@ pub const GRANTS: &[Grant] = &[
     g(R, "EXECUTE", On::Function("outbox_schedule_retry(bigint[],text[],boolean[],integer,bigint,bigint)"), "transient failures"),
     g(R, "EXECUTE", On::Function("outbox_retry_delay(integer,bigint,bigint,double precision)"), "outbox_schedule_retry"),
     g(R, "EXECUTE", On::Function("outbox_lease_renew(text,integer)"), "leases"),
-    g(R, "EXECUTE", On::Function("outbox_lease_acquire(text,integer,integer)"), "leases"),
+    g(R, "EXECUTE", On::Function("outbox_lease_acquire(text,integer,integer)"), "leases (relays before 0.2.0)"),
+    g(R, "EXECUTE", On::Function("outbox_lease_acquire(text,integer,integer,integer)"), "leases, fenced on takeover"),
     g(R, "EXECUTE", On::Function("outbox_lease_release(text,smallint[])"), "leases"),
     g(R, "EXECUTE", On::Function("outbox_lease_fence(text,smallint[],bigint[])"), "fencing a batch"),
     g(R, "EXECUTE", On::Function("outbox_dedupe_partitions_ensure(integer,timestamp with time zone)"), "the coming months' dedupe partitions"),
@@ -304,14 +305,20 @@ pub fn markdown() -> String {
     for object in &objects {
         out.push_str(&format!("| {object} |"));
         for group in GROUPS {
-            let cell: Vec<String> = GRANTS
+            let mut cell: Vec<String> = Vec::new();
+            for entry in GRANTS
                 .iter()
                 .filter(|g| g.group == group && &label(&g.on) == object)
                 .map(|g| match g.on {
                     On::Columns(_, cols) => format!("{} ({})", g.privilege, cols.join(", ")),
                     _ => g.privilege.to_string(),
                 })
-                .collect();
+            {
+                // Overloads of one function share a row.
+                if !cell.contains(&entry) {
+                    cell.push(entry);
+                }
+            }
             out.push_str(&format!(" {} |", cell.join(", ")));
         }
         out.push('\n');

@@ -5,7 +5,7 @@
 //! same key). `message.timeout.ms` is bounded so that an outage surfaces to
 //! the relay's own retry loop instead of hiding inside librdkafka.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -184,6 +184,15 @@ pub struct Produced {
     seq: u64,
     tracker: Arc<Tracker>,
     batches: Arc<Batches>,
+    /// Virtual partitions with messages `may_send` refused.
+    held_back: BTreeSet<i16>,
+}
+
+impl Produced {
+    /// The virtual partitions of which some messages were not sent.
+    pub fn held_back(&self) -> &BTreeSet<i16> {
+        &self.held_back
+    }
 }
 
 impl Drop for Produced {
@@ -198,10 +207,12 @@ impl Drop for Produced {
 /// Queues every message of a batch, in order, without waiting for Kafka:
 /// the order of these calls is the order within each Kafka partition.
 /// `may_send` is asked right before each message is handed to librdkafka;
-/// a message it refuses is not sent, and neither is any message after it
-/// (their results stay `None`). The relay uses it to re-check its lease
-/// after every wait: a process paused between claim and produce (a frozen
-/// VM, SIGSTOP) must not publish rows another relay owns by now.
+/// a message it refuses is not sent, and neither is any later message of
+/// the same virtual partition (their results stay `None`), so a partition's
+/// messages that do go out are a prefix of it: nothing overtakes a message
+/// held back. The relay uses it to re-check its lease after every wait: a
+/// process paused between claim and produce (a frozen VM, SIGSTOP) must not
+/// publish rows another relay owns by now.
 pub async fn produce(
     producer: &RelayProducer,
     batch: &mut [Prepared],
@@ -221,10 +232,10 @@ pub async fn produce(
         .expect("delivery batches lock")
         .insert(seq, tracker.clone());
     let base = (seq as usize) << INDEX_BITS;
-    let mut refused = false;
+    let mut held_back = BTreeSet::new();
     for (i, msg) in batch.iter_mut().enumerate() {
-        refused = refused || !may_send(msg);
-        if refused {
+        if held_back.contains(&msg.vpartition) || !may_send(msg) {
+            held_back.insert(msg.vpartition);
             msg.value = Vec::new();
             tracker.skip();
             continue;
@@ -243,7 +254,7 @@ pub async fn produce(
                     record = back;
                     tokio::time::sleep(Duration::from_millis(2)).await;
                     if !may_send(msg) {
-                        refused = true;
+                        held_back.insert(msg.vpartition);
                         tracker.skip();
                         break;
                     }
@@ -262,6 +273,7 @@ pub async fn produce(
         seq,
         tracker,
         batches,
+        held_back,
     }
 }
 

@@ -61,7 +61,7 @@ impl Relay {
             None => None,
         };
         let usable = match self.leases.as_ref().map(|l| l.usable()) {
-            Some(u) => Some(self.unblocked(u).await?),
+            Some(u) => Some(self.scanned(self.unblocked(u).await?, after)),
             None => None,
         };
         if usable.as_ref().is_some_and(|u| u.vpartitions.is_empty()) {
@@ -113,6 +113,29 @@ impl Relay {
         }))
     }
 
+    /// A claim from the start (`after` is `None`) records the partitions it
+    /// covers; a pipelined claim (above the cursor) keeps only those, under
+    /// the same epochs. A partition that became usable since (a lease just
+    /// taken over, a blocked partition free again) may have due rows below
+    /// the cursor: claiming above it would publish that partition's newer
+    /// events before its older ones, so it waits for the next claim from
+    /// the start (at the latest `FULL_SCAN_EVERY`).
+    fn scanned(&self, mut usable: Usable, after: Option<i64>) -> Usable {
+        let mut scanned = self.scanned.lock().expect("scanned partitions");
+        match after {
+            None => {
+                *scanned = usable
+                    .vpartitions
+                    .iter()
+                    .copied()
+                    .zip(usable.epochs.iter().copied())
+                    .collect();
+            }
+            Some(_) => usable.retain(|vp, epoch| scanned.get(&vp) == Some(&epoch)),
+        }
+        usable
+    }
+
     /// A claim waited its lock timeout (500 ms, `sql::begin_claim`) on a row another
     /// transaction holds: with leases that is a former owner that stalled
     /// with its batch open (a frozen host, a half-open connection). Find
@@ -126,6 +149,11 @@ impl Relay {
             self.settings.relay.batch_size as i64,
         )
         .await?;
+        // Free again, they come back only with a claim from the start.
+        self.scanned
+            .lock()
+            .expect("scanned partitions")
+            .retain(|vp, _| !locked.contains(vp));
         let mut blocked = self.blocked.lock().expect("blocked partitions");
         blocked.vpartitions.extend(locked.iter().copied());
         blocked.probed = Some(Instant::now());
@@ -184,21 +212,7 @@ impl Relay {
             }
             metrics::blocked_partitions(&self.source, b.vpartitions.len());
         }
-        let keep: Vec<bool> = usable
-            .vpartitions
-            .iter()
-            .map(|vp| !still.contains(vp))
-            .collect();
-        let mut i = 0;
-        usable.vpartitions.retain(|_| {
-            i += 1;
-            keep[i - 1]
-        });
-        let mut i = 0;
-        usable.epochs.retain(|_| {
-            i += 1;
-            keep[i - 1]
-        });
+        usable.retain(|vp, _| !still.contains(&vp));
         Ok(usable)
     }
 }

@@ -25,7 +25,7 @@ mod prepare;
 mod produce;
 pub mod settle;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -81,6 +81,14 @@ pub struct Relay {
     wake: Arc<tokio::sync::Notify>,
     /// Partitions left out of claims while another transaction holds their rows.
     blocked: Mutex<claim::Blocked>,
+    /// Partitions of which a batch in flight did not send some messages
+    /// (its lease was not provable at that moment): later batches send
+    /// nothing of them until the pipeline has drained and a claim from the
+    /// start picks the held-back rows up again, first.
+    held_back: Mutex<BTreeSet<i16>>,
+    /// The partitions (and epochs) the last claim from the start covered:
+    /// the only ones a pipelined claim, above the cursor, may take.
+    scanned: Mutex<HashMap<i16, i64>>,
 }
 
 /// What this relay has published; read by the heartbeat.
@@ -137,6 +145,8 @@ impl Relay {
             progress: Arc::new(Progress::default()),
             wake: Arc::new(tokio::sync::Notify::new()),
             blocked: Mutex::new(claim::Blocked::default()),
+            held_back: Mutex::new(BTreeSet::new()),
+            scanned: Mutex::new(HashMap::new()),
         }
     }
 
@@ -186,6 +196,8 @@ impl Relay {
 
     /// Claims, prepares, produces and settles one batch.
     pub async fn step(&self) -> Result<Outcome, RelayError> {
+        // Nothing is in flight between steps.
+        self.pipeline_drained();
         match self.claim(None).await? {
             None => Ok(Outcome::Empty),
             Some(claimed) => {
@@ -273,6 +285,7 @@ impl Relay {
             }
             if inflight.is_empty() {
                 cursor = None;
+                self.pipeline_drained();
             }
             if let Some(err) = failure {
                 // Let the other batches settle first: their rows are locked.
@@ -280,12 +293,19 @@ impl Relay {
                     let _ = batch.await;
                 }
                 cursor = None;
+                self.pipeline_drained();
                 self.back_off(err, &mut backoff, &token).await?;
             }
             if token.is_cancelled() && inflight.is_empty() {
                 return Ok(());
             }
         }
+    }
+
+    /// No batch is in flight: the next claim starts from the first due row,
+    /// so partitions held back by an earlier batch may send again.
+    fn pipeline_drained(&self) {
+        self.held_back.lock().expect("held-back lock").clear();
     }
 
     /// Prepares, produces and settles a claimed batch in a task of its own,

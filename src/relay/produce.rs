@@ -86,15 +86,29 @@ impl Relay {
             }
             d
         });
-        let may_send = |m: &Prepared| match &deadlines {
-            None => true,
-            Some(d) => d
-                .get(&m.vpartition)
-                .copied()
-                .flatten()
-                .is_some_and(|until| until > Instant::now()),
+        // A partition an earlier batch still in flight held back sends
+        // nothing either: its held-back rows go out again only after that
+        // batch settles, so a later batch's events of the same keys must
+        // not overtake them.
+        let held = self.held_back.lock().expect("held-back lock").clone();
+        let may_send = |m: &Prepared| {
+            !held.contains(&m.vpartition)
+                && match &deadlines {
+                    None => true,
+                    Some(d) => d
+                        .get(&m.vpartition)
+                        .copied()
+                        .flatten()
+                        .is_some_and(|until| until > Instant::now()),
+                }
         };
         let produced = publish::produce(&producer, &mut messages, may_send).await;
+        let newly: Vec<i16> = produced.held_back().difference(&held).copied().collect();
+        if !newly.is_empty() {
+            tracing::warn!(vpartitions = ?newly,
+                "lease not provable right before sending; these partitions' events wait for the batches in flight to settle");
+            self.held_back.lock().expect("held-back lock").extend(newly);
+        }
         InFlight {
             tx,
             rows,

@@ -32,16 +32,23 @@ pub async fn lease_renew(
         .await
 }
 
+/// Takes up to `max` free or expired leases: (partition, epoch, and how many
+/// milliseconds to wait before publishing it — the window in which the
+/// former owner's producer may still deliver what it queued, when that
+/// owner's lease expired instead of being handed back; see
+/// `outbox_lease_acquire`).
 pub async fn lease_acquire(
     conn: &mut PgConnection,
     relay: &str,
     ttl_ms: u64,
     max: usize,
-) -> sqlx::Result<Vec<(i16, i64)>> {
-    sqlx::query_as("SELECT vpartition, epoch FROM outbox_lease_acquire($1, $2, $3)")
+    fence_ms: u64,
+) -> sqlx::Result<Vec<(i16, i64, i32)>> {
+    sqlx::query_as("SELECT vpartition, epoch, fenced_ms FROM outbox_lease_acquire($1, $2, $3, $4)")
         .bind(relay)
         .bind(ttl_ms as i32)
         .bind(max as i32)
+        .bind(fence_ms.min(i32::MAX as u64) as i32)
         .fetch_all(conn)
         .await
 }

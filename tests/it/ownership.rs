@@ -206,25 +206,40 @@ async fn the_lease_fence_uses_the_clock_of_the_check() {
 
 /// The fence on the Kafka side: a message the relay may no longer send (its
 /// lease ran out while it waited) is not handed to librdkafka, nor is any
-/// after it, and its result stays open so that its row is not deleted.
+/// later message of its partition, while other partitions' messages go
+/// out; the results of those held back stay open so that their rows are not
+/// deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_relay_that_cannot_prove_its_lease_sends_nothing_more() {
+async fn a_relay_that_cannot_prove_its_lease_sends_nothing_more_of_that_partition() {
     let env = TestEnv::new().await;
-    write_keys(&env, 3).await;
+    // key-0, key-1, key-0 again: the first and last share a partition.
+    write_keys(&env, 2).await;
+    write_keys(&env, 1).await;
     let relay_pool = env.relay_pool().await;
     let mut tx = sql::begin_claim(&relay_pool).await.unwrap();
     let rows = sql::claim(&mut tx, 10, i64::MAX, None, 0).await.unwrap();
+    assert_eq!(rows.len(), 3);
+    assert_eq!(rows[0].vpartition, rows[2].vpartition);
+    assert_ne!(rows[0].vpartition, rows[1].vpartition);
     let mut ready: Vec<_> = rows
         .iter()
         .map(|r| outbox_relay::envelope::prepare(r, &env.catalog, &env.prefix, 1_000_000).unwrap())
         .collect();
     let producer = publish::create_producer(&env.settings.kafka).unwrap();
-    let allowed = ready[0].id;
-    let produced = publish::produce(&producer, &mut ready, |m| m.id == allowed).await;
+    let refused = ready[0].id;
+    let produced = publish::produce(&producer, &mut ready, |m| m.id != refused).await;
+    assert_eq!(
+        produced.held_back().iter().copied().collect::<Vec<_>>(),
+        vec![rows[0].vpartition]
+    );
     let results = publish::acks(produced, tokio::time::sleep(Duration::from_secs(20))).await;
     tx.rollback().await.unwrap();
-    assert!(matches!(results[0], Some(Ok(_))), "{results:?}");
-    assert!(results[1].is_none() && results[2].is_none(), "{results:?}");
+    assert!(results[0].is_none(), "{results:?}");
+    assert!(matches!(results[1], Some(Ok(_))), "{results:?}");
+    assert!(
+        results[2].is_none(),
+        "a later message of a held-back partition was sent: {results:?}"
+    );
     let got = env
         .consume(
             &[env.topic("platform.notify.events")],
@@ -233,5 +248,49 @@ async fn a_relay_that_cannot_prove_its_lease_sends_nothing_more() {
         )
         .await;
     assert_eq!(got.len(), 1, "{got:?}");
-    assert_eq!(got[0].value["id"], rows[0].event_id.as_str());
+    assert_eq!(got[0].value["id"], rows[1].event_id.as_str());
+}
+
+/// A lease taken from an owner whose lease expired is fenced for the
+/// window in which that owner's producer may still deliver; one handed back
+/// (the owner flushed first), or expired longer ago than the window, is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_taken_over_from_an_expired_owner_is_fenced_for_its_producers_window() {
+    let env = TestEnv::new().await;
+    // Fixture: leases are the lease task's to write.
+    sqlx::raw_sql(
+        "UPDATE outbox_leases SET owner = NULL, expires_at = '-infinity' WHERE vpartition > 5; \
+         UPDATE outbox_leases SET owner = 'old', epoch = 4, expires_at = clock_timestamp() - interval '1 second' \
+          WHERE vpartition = 1; \
+         UPDATE outbox_leases SET owner = NULL, epoch = 4, expires_at = '-infinity' WHERE vpartition = 2; \
+         UPDATE outbox_leases SET owner = 'old', epoch = 4, expires_at = clock_timestamp() - interval '1 minute' \
+          WHERE vpartition = 3; \
+         UPDATE outbox_leases SET owner = 'new', epoch = 4, expires_at = clock_timestamp() - interval '1 second' \
+          WHERE vpartition = 4; \
+         UPDATE outbox_leases SET owner = 'old', epoch = 4, expires_at = clock_timestamp() + interval '1 minute' \
+          WHERE vpartition IN (0, 5)",
+    )
+    .execute(env.fixtures())
+    .await
+    .unwrap();
+    let relay = env.relay_pool().await;
+    let mut conn = relay.acquire().await.unwrap();
+    let got = sql::lease_acquire(&mut conn, "new", 3000, 4, 5000)
+        .await
+        .unwrap();
+    let fenced: HashMap<i16, i32> = got.iter().map(|(vp, _, ms)| (*vp, *ms)).collect();
+    assert_eq!(
+        fenced.keys().copied().collect::<HashSet<_>>(),
+        HashSet::from([1, 2, 3, 4]),
+        "free and expired leases are taken, live ones are not: {got:?}"
+    );
+    assert!(
+        (3500..=4000).contains(&fenced[&1]),
+        "expired 1 s ago, fence 5 s: about 4 s to wait, got {}",
+        fenced[&1]
+    );
+    assert_eq!(fenced[&2], 0, "handed back: no wait");
+    assert_eq!(fenced[&3], 0, "the window closed long ago");
+    assert_eq!(fenced[&4], 0, "its own producer keeps its order");
+    assert!(got.iter().all(|(_, epoch, _)| *epoch == 5), "{got:?}");
 }

@@ -723,3 +723,137 @@ async fn rows_of_megabytes_are_claimed_within_the_byte_budget() {
     // stored (compressed) sizes, a claim would hold 12 GB.
     assert!(peak < 400 << 20, "peak RSS {} MiB", peak >> 20);
 }
+
+/// The Kafka-side fence, made deterministic: relay A is stopped (SIGSTOP)
+/// while its claim waits on a row lock, the lock is released, and the claim
+/// completes in the server with A still stopped — so A resumes between
+/// claim and produce. Meanwhile A's leases expire, its stalled session is
+/// ended by the server, and B takes over (after the takeover fence) and
+/// publishes everything, including the rows A had claimed, and newer
+/// events of the same keys. When A resumes longer than TTL +
+/// `message.timeout.ms` later, it must send nothing of them: every event
+/// arrives exactly once, in per-key order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_owner_paused_between_claim_and_produce_publishes_nothing_after_the_takeover() {
+    let env = TestEnv::new().await;
+    let keys = 40;
+    let topic = env.topic("platform.notify.events");
+    let mut written = write(&env, 0, 600, keys).await;
+
+    // The stand-in for a slow former transaction (fixture): it holds the
+    // first row, so A's first claim waits on it.
+    let mut holder = env.fixtures().begin().await.unwrap();
+    sqlx::query("SELECT id FROM outbox ORDER BY id LIMIT 1 FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let vars = lease_env();
+    let refs: Vec<(&str, &str)> = vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut a = RelayProcess::start(&env, &refs);
+    let relay_role = env.relay_role.clone();
+    let mut waiting = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !waiting && Instant::now() < deadline {
+        waiting = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+              WHERE datname = current_database() AND usename = $1 AND wait_event_type = 'Lock')",
+        )
+        .bind(&relay_role)
+        .fetch_one(env.fixtures())
+        .await
+        .unwrap();
+        if !waiting {
+            tokio::time::sleep(Duration::from_millis(3)).await;
+        }
+    }
+    assert!(
+        waiting,
+        "A's claim never waited on the held row:\n{}",
+        a.tail(20)
+    );
+    kill(a.pid(), Signal::SIGSTOP).unwrap();
+    let paused_at = Instant::now();
+    // Released within the claim's lock timeout: the claim completes in the
+    // server and its rows wait, locked by A's open batch, for A to resume.
+    holder.rollback().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                  WHERE datname = current_database() AND usename = $1 AND state = 'idle in transaction')",
+            )
+            .bind(&relay_role)
+            .fetch_one(env.fixtures())
+            .await
+            .unwrap()
+        })
+        .await,
+        "A's claim completed while A is stopped"
+    );
+
+    let b = RelayProcess::start(&env, &refs);
+    written.extend(write(&env, 600, 400, keys).await);
+    assert!(
+        eventually(Duration::from_secs(90), || async {
+            env.outbox_count().await == 0
+        })
+        .await,
+        "B published everything while A is stopped:\n{}",
+        b.tail(20)
+    );
+    let took_over = b.logged("took over leases that expired");
+    assert!(
+        !took_over.is_empty() && took_over.iter().all(|l| l["wait_ms"].as_i64() > Some(0)),
+        "B waited out the takeover fence: {took_over:?}"
+    );
+    // Paused for longer than TTL + message.timeout.ms in all.
+    let pause = Duration::from_millis(TTL_MS + 3000 + 2000);
+    tokio::time::sleep(pause.saturating_sub(paused_at.elapsed())).await;
+    kill(a.pid(), Signal::SIGCONT).unwrap();
+    let resumed_at = paused_at.elapsed();
+    // A finds its batch's session ended by the server once it tries to
+    // settle, after producing (or not).
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            a.lines_containing("idle-in-transaction timeout") > 0
+        })
+        .await,
+        "A resumed into its claimed batch:\n{}",
+        a.tail(30)
+    );
+    written.extend(write(&env, 1000, 400, keys).await);
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            env.outbox_count().await == 0
+        })
+        .await,
+        "drained after A resumed"
+    );
+    assert!(a.running(), "A survives the lost batch:\n{}", a.tail(30));
+    let a_log = a.log_text();
+    assert!(b.sigterm().success());
+    assert!(a.sigterm().success());
+
+    let got = env
+        .consume(&[topic], written.len() + 1000, Duration::from_secs(15))
+        .await;
+    let duplicates = check_order(&got, &written);
+    println!(
+        "claim-produce pause: A stopped {:.1}s; {} written, {} received, {duplicates} duplicates; B's takeover waits {:?} ms",
+        resumed_at.as_secs_f64(),
+        written.len(),
+        got.len(),
+        took_over
+            .iter()
+            .map(|l| l["wait_ms"].as_i64().unwrap_or(0))
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(
+        duplicates, 0,
+        "A published rows of partitions taken over while it was stopped"
+    );
+    assert!(
+        a_log.contains("lease not provable right before sending"),
+        "A checked its lease before sending the claimed batch:\n{a_log}"
+    );
+}
