@@ -120,20 +120,9 @@ impl Relay {
     /// the cursor: claiming above it would publish that partition's newer
     /// events before its older ones, so it waits for the next claim from
     /// the start (at the latest `FULL_SCAN_EVERY`).
-    fn scanned(&self, mut usable: Usable, after: Option<i64>) -> Usable {
+    fn scanned(&self, usable: Usable, after: Option<i64>) -> Usable {
         let mut scanned = self.scanned.lock().expect("scanned partitions");
-        match after {
-            None => {
-                *scanned = usable
-                    .vpartitions
-                    .iter()
-                    .copied()
-                    .zip(usable.epochs.iter().copied())
-                    .collect();
-            }
-            Some(_) => usable.retain(|vp, epoch| scanned.get(&vp) == Some(&epoch)),
-        }
-        usable
+        keep_scanned(usable, &mut scanned, after)
     }
 
     /// A claim waited its lock timeout (500 ms, `sql::begin_claim`) on a row another
@@ -214,5 +203,53 @@ impl Relay {
         }
         usable.retain(|vp, _| !still.contains(&vp));
         Ok(usable)
+    }
+}
+
+/// [`Relay::scanned`]'s rule: a claim from the start (`after` is `None`)
+/// records what it covers; a pipelined one keeps only those partitions,
+/// under the same epochs.
+fn keep_scanned(mut usable: Usable, scanned: &mut HashMap<i16, i64>, after: Option<i64>) -> Usable {
+    match after {
+        None => {
+            *scanned = usable
+                .vpartitions
+                .iter()
+                .copied()
+                .zip(usable.epochs.iter().copied())
+                .collect();
+        }
+        Some(_) => usable.retain(|vp, epoch| scanned.get(&vp) == Some(&epoch)),
+    }
+    usable
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn usable(leases: &[(i16, i64)]) -> Usable {
+        Usable {
+            vpartitions: leases.iter().map(|l| l.0).collect(),
+            epochs: leases.iter().map(|l| l.1).collect(),
+        }
+    }
+
+    #[test]
+    fn a_pipelined_claim_takes_only_partitions_the_last_claim_from_the_start_covered() {
+        let mut scanned = HashMap::new();
+        let first = keep_scanned(usable(&[(1, 7), (2, 7)]), &mut scanned, None);
+        assert_eq!(first.vpartitions, vec![1, 2]);
+        // Partition 3 was just taken over, 2 changed hands and came back
+        // under a new epoch: neither may be claimed above the cursor.
+        let pipelined = keep_scanned(usable(&[(1, 7), (2, 8), (3, 1)]), &mut scanned, Some(500));
+        assert_eq!(pipelined.vpartitions, vec![1]);
+        assert_eq!(pipelined.epochs, vec![7]);
+        // The next claim from the start covers them all again.
+        let again = keep_scanned(usable(&[(1, 7), (2, 8), (3, 1)]), &mut scanned, None);
+        assert_eq!(again.vpartitions, vec![1, 2, 3]);
+        let pipelined = keep_scanned(usable(&[(1, 7), (2, 8), (3, 1)]), &mut scanned, Some(900));
+        assert_eq!(pipelined.vpartitions, vec![1, 2, 3]);
+        assert_eq!(pipelined.epochs, vec![7, 8, 1]);
     }
 }
