@@ -81,7 +81,7 @@ fn component(pid: u32, db_name: &str) -> &'static str {
 }
 
 /// (busy, total) jiffies of all CPUs.
-fn machine() -> (u64, u64) {
+pub fn machine() -> (u64, u64) {
     let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
     let line = s.lines().next().unwrap_or("");
     let v: Vec<u64> = line
@@ -186,4 +186,28 @@ impl CpuMonitor {
             machine_busy_pct: busy,
         }
     }
+}
+
+/// CPU seconds (user and system, every thread) a process has used so far.
+pub fn process_cpu_s(pid: u32) -> Option<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    ticks(pid).map(|t| t as f64 / hz)
+}
+
+/// The local Kafka broker's process (the one the monitor charges to
+/// "kafka broker"), if it runs on this machine.
+pub fn kafka_broker_pid() -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .find(|&pid| component(pid, "") == "kafka broker")
+}
+
+/// Busy CPU seconds of all cores between two [`machine`] readings.
+pub fn busy_s(from: (u64, u64), to: (u64, u64)) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    to.0.saturating_sub(from.0) as f64 / hz
 }

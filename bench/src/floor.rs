@@ -114,30 +114,15 @@ impl Floor {
     }
 
     /// The record the relay would build for the event `seq` had it been
-    /// written to the outbox just now: `envelope::prepare` on the row.
+    /// written to the outbox just now.
     fn record(&self, seq: u64) -> Result<envelope::Prepared> {
-        let e = self.mix.event(seq);
-        let info = &self.mix.types[e.type_idx];
-        let row = OutboxRow {
-            id: seq as i64,
-            event_id: self.mix.relay_id(seq),
-            event_type: info.event_type.clone(),
-            tenant_id: e.tenant,
-            payload: e.payload,
-            headers: None,
-            occurred_at: chrono::Utc::now(),
-            attempts: 0,
-            publisher: Some(info.publisher.clone()),
-            vpartition: 0,
-            bytes: 0,
-        };
-        envelope::prepare(
-            &row,
+        prepare(
+            &self.mix,
             &self.catalog,
             &self.prefix,
             self.settings.max_message_bytes,
+            seq,
         )
-        .map_err(|r| anyhow::anyhow!("event {seq}: {}", r.message))
     }
 
     /// Produces on the writers' open-loop schedule: `writers` tasks take
@@ -227,4 +212,33 @@ impl Floor {
     pub fn flush(&self) {
         let _ = self.producer.flush(Duration::from_secs(30));
     }
+}
+
+/// The record the relay would build for the event `seq` of the mix had it
+/// been written to the outbox just now: `envelope::prepare` on the row, for
+/// the topics under `prefix`.
+pub fn prepare(
+    mix: &Mix,
+    catalog: &Catalog,
+    prefix: &str,
+    max_message_bytes: usize,
+    seq: u64,
+) -> Result<envelope::Prepared> {
+    let e = mix.event(seq);
+    let info = &mix.types[e.type_idx];
+    let row = OutboxRow {
+        id: seq as i64,
+        event_id: mix.relay_id(seq),
+        event_type: info.event_type.clone(),
+        tenant_id: e.tenant,
+        payload: e.payload,
+        headers: None,
+        occurred_at: chrono::Utc::now(),
+        attempts: 0,
+        publisher: Some(info.publisher.clone()),
+        vpartition: 0,
+        bytes: 0,
+    };
+    envelope::prepare(&row, catalog, prefix, max_message_bytes)
+        .map_err(|r| anyhow::anyhow!("event {seq}: {}", r.message))
 }

@@ -4,6 +4,7 @@
 //!   outbox-bench smoke            seconds-long check of the harness, relay only
 //!   outbox-bench compare          both relays, every mode (alias: full)
 //!   outbox-bench compare --quick  the same with short phases
+//!   outbox-bench txn-cost         transactional vs idempotent producer
 //!
 //! Modes: writer tax, drain, idle single events, steady paced load, writers
 //! at their max rate. See bench/README.md for the method.
@@ -16,6 +17,7 @@ mod floor;
 mod kafka;
 mod procs;
 mod report;
+mod txn;
 mod workload;
 
 use std::path::{Path, PathBuf};
@@ -52,6 +54,10 @@ enum Command {
     /// Both relays, every mode, side by side with ratios.
     #[command(visible_alias = "full")]
     Compare(Opts),
+    /// What a transactional producer (one transaction per batch) costs
+    /// next to the relay's idempotent producer: drain throughput and
+    /// steady latency on the local Kafka, no PostgreSQL.
+    TxnCost(txn::TxnOpts),
 }
 
 #[derive(Args, Clone)]
@@ -192,7 +198,11 @@ impl Params {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let (name, opts, params, with_dbz) = match cli.command {
+        Command::TxnCost(o) => return rt.block_on(txn::run(o)),
         Command::Smoke(o) => {
             let p = Params::smoke().with(&o);
             ("smoke", o, p, false)
@@ -208,9 +218,6 @@ fn main() -> Result<()> {
             (if o.quick { "quick" } else { "full" }, o, p, dbz)
         }
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
     rt.block_on(run(name, opts, params, with_dbz))
 }
 
