@@ -552,7 +552,9 @@ async fn sigkill_20_times_during_a_10k_stream_every_event_arrives() {
     let _serial = exclusive().await;
     let env = new_env().await;
     let batch = 200usize;
-    // Short leases: a killed relay's partitions are free again within 1 s.
+    // Short leases: a killed relay's partitions are free again within 1 s,
+    // and publishable after the takeover fence (kafka.message_timeout_ms,
+    // 10 s, + 2 s past their expiry): each restart is given 20 s.
     let extra = [
         ("OUTBOX_RELAY_RELAY__BATCH_SIZE", "200"),
         ("OUTBOX_RELAY_LEASES__TTL_MS", "1000"),
@@ -582,7 +584,7 @@ async fn sigkill_20_times_during_a_10k_stream_every_event_arrives() {
         // Kill at a random point once this relay has begun publishing, so
         // that kills land in claimed-but-unsettled batches.
         let before = messages_in(&env).unwrap_or(0);
-        let publishing = first_message_after(&env, before, Duration::from_secs(10)).await;
+        let publishing = first_message_after(&env, before, Duration::from_secs(20)).await;
         tokio::time::sleep(Duration::from_millis(next() % 400)).await;
         relay.sigkill();
         kills += 1;
