@@ -729,8 +729,7 @@ async fn broker_kills_and_a_rolling_restart_lose_nothing_and_keep_per_key_order(
     let mut relay = relay;
     assert!(relay.running(), "the relay stayed up: {}", relay.tail(40));
     let retried = relay.lines_containing("publish failed; events stay in the outbox");
-    let status = relay.sigterm();
-    assert!(status.success(), "{status:?}");
+    relay.stop_cleanly();
     assert_eq!(
         env.dlq_count().await,
         0,

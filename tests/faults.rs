@@ -330,8 +330,7 @@ async fn postgres_restart_under_the_relay_loses_nothing() {
         "{}",
         relay.log_text()
     );
-    let status = relay.sigterm();
-    assert!(status.success(), "{status:?}");
+    relay.stop_cleanly();
     assert_eq!(env.dlq_count().await, 0);
     let o = verify(&env, &written).await;
     table_row(
@@ -412,8 +411,7 @@ async fn broker_down_for_30s_nothing_is_dead_lettered_and_publishing_resumes() {
     let retried = relay.logged("publish failed; events stay in the outbox");
     assert!(retried.len() >= 2, "{}", relay.log_text());
     assert!(relay.running());
-    let status = relay.sigterm();
-    assert!(status.success(), "{status:?}");
+    relay.stop_cleanly();
     assert_eq!(env.dlq_count().await, 0, "an outage dead-letters nothing");
     let o = verify(&env, &written).await;
     table_row(
@@ -530,8 +528,7 @@ async fn start_up_while_kafka_and_postgres_are_down_waits_with_backoff_then_runs
     assert!(drained, "{}", relay.log_text());
     let drained_at = Instant::now();
     assert!(relay.running());
-    let status = relay.sigterm();
-    assert!(status.success());
+    relay.stop_cleanly();
     assert_eq!(env.dlq_count().await, 0);
     let o = verify(&env, &ids).await;
     table_row(
@@ -554,16 +551,20 @@ async fn sigkill_20_times_during_a_10k_stream_every_event_arrives() {
     let batch = 200usize;
     // Short leases: a killed relay's partitions are free again within 1 s,
     // and publishable after the takeover fence (kafka.message_timeout_ms,
-    // 10 s, + 2 s past their expiry): each restart is given 20 s.
+    // 2 s here, + 2 s past their expiry): about 6 s from one restart to its
+    // first publish, each given up to 20 s.
     let extra = [
         ("OUTBOX_RELAY_RELAY__BATCH_SIZE", "200"),
         ("OUTBOX_RELAY_LEASES__TTL_MS", "1000"),
         ("OUTBOX_RELAY_LEASES__RENEW_INTERVAL_MS", "300"),
+        ("OUTBOX_RELAY_KAFKA__MESSAGE_TIMEOUT_MS", "2000"),
     ];
+    // 60 events/s: the stream (about 170 s) outlasts the 20 kills, so that
+    // every restarted relay has something to publish.
     let writer = Writer::start(
         &writer_url(&env).await,
         10_000,
-        12,
+        3,
         Duration::from_millis(50),
     )
     .await;
@@ -596,14 +597,24 @@ async fn sigkill_20_times_during_a_10k_stream_every_event_arrives() {
     let kill_phase = started.elapsed();
     restart_to_publish.sort();
     let relay = RelayProcess::start(&env, &extra);
+    // The kills may have left nothing to drain: the relay is stopped only
+    // once it has started (a SIGTERM before its handler is installed ends
+    // the process by the signal's default action).
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            !relay.logged("relaying source").is_empty()
+        })
+        .await,
+        "the last relay started:\n{}",
+        relay.tail(20)
+    );
     let written = writer.finish(false).await;
     let restarted = Instant::now();
     wait_drained(&env, Duration::from_secs(90))
         .await
         .expect("the last relay drains the outbox");
     let drain = restarted.elapsed();
-    let status = relay.sigterm();
-    assert!(status.success());
+    relay.stop_cleanly();
     assert_eq!(env.dlq_count().await, 0);
 
     let o = verify(&env, &written).await;

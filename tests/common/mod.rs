@@ -6,17 +6,21 @@
 //! The one set of helpers of every test binary (`tests/it`, `tests/faults.rs`,
 //! `tests/cluster.rs`, `tests/image.rs`): the environment here, running the
 //! `outbox-relay` binary and the scripts in `process`, the HTTP endpoints and
-//! the Prometheus text format in `metrics`.
+//! the Prometheus text format in `metrics`, a TCP proxy that freezes in
+//! `proxy`.
 #![allow(dead_code)]
 
 mod metrics;
 mod process;
+mod proxy;
 
 // Each binary uses a part of them.
 #[allow(unused_imports)]
 pub use self::metrics::*;
 #[allow(unused_imports)]
 pub use self::process::*;
+#[allow(unused_imports)]
+pub use self::proxy::*;
 
 use std::collections::HashMap;
 use std::path::PathBuf;

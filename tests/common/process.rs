@@ -308,11 +308,21 @@ impl RelayProcess {
         self.child.wait().unwrap();
     }
 
-    /// SIGTERM, then waits up to a minute for it to exit.
-    pub fn sigterm(mut self) -> ExitStatus {
+    /// SIGTERM, and the exit must be clean: a failure shows the exit status
+    /// and the relay's last log lines, which say why it stopped.
+    pub fn stop_cleanly(mut self) {
         kill(self.pid(), Signal::SIGTERM).unwrap();
-        self.wait(Duration::from_secs(60))
-            .expect("the relay exits after SIGTERM")
+        let status = self.wait(Duration::from_secs(60)).unwrap_or_else(|| {
+            panic!(
+                "the relay exits after SIGTERM; it logged:\n{}",
+                self.tail(40)
+            )
+        });
+        assert!(
+            status.success(),
+            "the relay exits cleanly after SIGTERM, not {status:?}; it logged:\n{}",
+            self.tail(40)
+        );
     }
 
     /// Its exit status, if it exits within `timeout`.

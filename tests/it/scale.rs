@@ -41,7 +41,16 @@ fn signal(child: &std::process::Child, sig: Signal) {
 /// publisher's writer (which names the ids: it may not read them back);
 /// each payload carries its per-key sequence number.
 async fn write(env: &TestEnv, from: usize, n: usize, keys: usize) -> Vec<(String, usize)> {
-    let writer = env.writer("notify").await;
+    write_as(&env.writer("notify").await, from, n, keys).await
+}
+
+/// [`write`] through a given pool of the notify publisher's writer role.
+async fn write_as(
+    writer: &sqlx::PgPool,
+    from: usize,
+    n: usize,
+    keys: usize,
+) -> Vec<(String, usize)> {
     let mut written = Vec::with_capacity(n);
     let chunk = 100;
     let mut i = from;
@@ -60,7 +69,7 @@ async fn write(env: &TestEnv, from: usize, n: usize, keys: usize) -> Vec<(String
         )
         .bind(&ids)
         .bind(&payloads)
-        .execute(&writer)
+        .execute(writer)
         .await
         .unwrap();
         for (id, j) in ids.into_iter().zip(i..end) {
@@ -831,8 +840,8 @@ async fn an_owner_paused_between_claim_and_produce_publishes_nothing_after_the_t
     );
     assert!(a.running(), "A survives the lost batch:\n{}", a.tail(30));
     let a_log = a.log_text();
-    assert!(b.sigterm().success());
-    assert!(a.sigterm().success());
+    b.stop_cleanly();
+    a.stop_cleanly();
 
     let got = env
         .consume(&[topic], written.len() + 1000, Duration::from_secs(15))
@@ -855,5 +864,289 @@ async fn an_owner_paused_between_claim_and_produce_publishes_nothing_after_the_t
     assert!(
         a_log.contains("lease not provable right before sending"),
         "A checked its lease before sending the claimed batch:\n{a_log}"
+    );
+}
+
+/// A frozen connection rather than a dead process: relay A reaches
+/// PostgreSQL through a proxy that freezes in the middle of A's claim (the
+/// claim has run in the server and holds its rows; its answer never reaches
+/// A), as over a frozen VM or a stalled link whose kernels still
+/// acknowledge. B, connected directly, must keep publishing its own
+/// partitions at full speed, and A's partitions, including the rows A's
+/// frozen claim holds, must be published again within the failover bound:
+/// A's leases expire, B takes them on its next renewal and waits out the
+/// takeover fence, and the server ends A's open batches
+/// (`idle_in_transaction_session_timeout`), which releases their rows. When
+/// the link thaws, A rejoins and nothing is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_connection_delays_only_its_partitions_and_only_within_the_bound() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let env = TestEnv::new().await;
+    let keys = 200;
+    let topic = env.topic("platform.notify.events");
+    let relay_url = env.relay_url();
+    let server = relay_url
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .map(|(host, _)| host.to_string())
+        .unwrap();
+    let server = tokio::net::lookup_host(&server)
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    let proxy = FreezingProxy::start(server).await;
+
+    // A steady stream: 20 events every 50 ms over 200 keys.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = {
+        let stop = stop.clone();
+        let pool = env.writer("notify").await;
+        tokio::spawn(async move {
+            let mut written = Vec::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(50));
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let from = written.len();
+                written.extend(write_as(&pool, from, 20, keys).await);
+            }
+            written
+        })
+    };
+
+    let port_b = free_port();
+    let mut a_vars = lease_env();
+    a_vars.push(("DATABASE_URL", proxy.url(&relay_url)));
+    // A claims every 200 ms once it has caught up (not every 5 ms), so that
+    // a row can be found that A has not claimed yet: the one the fixture
+    // holds below.
+    a_vars.push(("OUTBOX_RELAY_RELAY__IDLE_INTERVAL_MS", "200".into()));
+    let mut b_vars = lease_env();
+    b_vars.push(("OUTBOX_RELAY_HTTP__LISTEN", format!("127.0.0.1:{port_b}")));
+    let a_refs: Vec<(&str, &str)> = a_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let b_refs: Vec<(&str, &str)> = b_vars.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut a = RelayProcess::start(&env, &a_refs);
+    let b = RelayProcess::start(&env, &b_refs);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let (owners, unowned) = lease_owners(&env).await;
+            owners.len() == 2 && unowned == 0
+        })
+        .await,
+        "both relays hold leases:\nA: {}\nB: {}",
+        a.tail(10),
+        b.tail(10)
+    );
+    let relay_id = |r: &RelayProcess| {
+        r.logged("relaying source")[0]["relay_id"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let a_id = relay_id(&a);
+
+    // B's published count, sampled every 200 ms.
+    let samples: Arc<Mutex<Vec<(Instant, f64)>>> = Arc::default();
+    let sampling = {
+        let samples = samples.clone();
+        tokio::spawn(async move {
+            loop {
+                let total: f64 = parse(&scrape(port_b).await)
+                    .iter()
+                    .filter(|s| s.name == "outbox_events_published_total")
+                    .map(|s| s.value)
+                    .sum();
+                samples.lock().unwrap().push((Instant::now(), total));
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let a_parts: Vec<i16> = sqlx::query_scalar(
+        "SELECT vpartition FROM outbox_leases WHERE owner = $1 AND expires_at > now() ORDER BY 1",
+    )
+    .bind(&a_id)
+    .fetch_all(env.fixtures())
+    .await
+    .unwrap();
+    assert!(!a_parts.is_empty());
+
+    // Freeze in the middle of a claim: a fixture holds the newest row of
+    // A's partitions; once A's claim waits on it, the link freezes and the
+    // row is released, so the claim completes in the server and its answer
+    // stays in the proxy.
+    let mut claim_pid = None;
+    for _ in 0..20 {
+        let mut holder = env.fixtures().begin().await.unwrap();
+        let held: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM outbox WHERE vpartition = ANY($1) ORDER BY id DESC LIMIT 1 \
+             FOR UPDATE SKIP LOCKED",
+        )
+        .bind(&a_parts)
+        .fetch_optional(&mut *holder)
+        .await
+        .unwrap();
+        if held.is_some() {
+            let deadline = Instant::now() + Duration::from_millis(400);
+            while claim_pid.is_none() && Instant::now() < deadline {
+                claim_pid = sqlx::query_scalar(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database() \
+                       AND client_port = ANY($1) AND wait_event_type = 'Lock' LIMIT 1",
+                )
+                .bind(proxy.upstream_ports())
+                .fetch_optional(env.fixtures())
+                .await
+                .unwrap();
+            }
+        }
+        if claim_pid.is_some() {
+            proxy.freeze();
+        }
+        holder.rollback().await.unwrap();
+        if claim_pid.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let frozen_at = Instant::now();
+    let claim_pid: i32 = claim_pid.unwrap_or_else(|| {
+        panic!(
+            "A's claim never waited on the held row; ports {:?}; A logged:\n{}",
+            proxy.upstream_ports(),
+            a.tail(20)
+        )
+    });
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                  WHERE pid = $1 AND state = 'idle in transaction')",
+            )
+            .bind(claim_pid)
+            .fetch_one(env.fixtures())
+            .await
+            .unwrap()
+        })
+        .await,
+        "A's claim completed in the server after the freeze"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let below: i64 = sqlx::query_scalar("SELECT coalesce(max(id), 0) FROM outbox")
+        .fetch_one(env.fixtures())
+        .await
+        .unwrap();
+    // A's partitions' events written before the freeze, including the rows
+    // A's frozen sessions hold, until all are published.
+    let pending_of_a = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM outbox WHERE vpartition = ANY($1) AND id <= $2",
+        )
+        .bind(&a_parts)
+        .bind(below)
+        .fetch_one(env.fixtures())
+        .await
+        .unwrap()
+    };
+    let at_freeze = pending_of_a().await;
+    let mut resumed_at = None;
+    let mut recovered_at = None;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while recovered_at.is_none() && Instant::now() < deadline {
+        let left = pending_of_a().await;
+        if left < at_freeze && resumed_at.is_none() {
+            resumed_at = Some(Instant::now());
+        }
+        if left == 0 {
+            recovered_at = Some(Instant::now());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let recovered_at = recovered_at.unwrap_or_else(|| {
+        panic!(
+            "A's partitions were not published while A is frozen:\nB: {}",
+            b.tail(30)
+        )
+    });
+    let resumed_at = resumed_at.unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let after_end = Instant::now();
+    proxy.thaw();
+    let thawed_at = Instant::now();
+
+    // A rejoins: it takes a share of the partitions again.
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            lease_owners(&env).await.0.contains_key(&a_id)
+        })
+        .await,
+        "A holds leases again after the thaw:\n{}",
+        a.tail(30)
+    );
+    let rejoined = thawed_at.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let written = writing.await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || async {
+            env.outbox_count().await == 0
+        })
+        .await,
+        "drained after the thaw"
+    );
+    sampling.abort();
+    assert!(a.running(), "A survives the frozen link:\n{}", a.tail(30));
+    let b_took_over = b.logged("took over leases that expired");
+    b.stop_cleanly();
+    a.stop_cleanly();
+
+    // B's rate between the first sample at or after `from` and the last
+    // one at or before `to`.
+    let rate = |from: Instant, to: Instant| {
+        let samples = samples.lock().unwrap();
+        let (t0, v0) = *samples.iter().find(|(t, _)| *t >= from).unwrap();
+        let (t1, v1) = *samples.iter().rev().find(|(t, _)| *t <= to).unwrap();
+        (v1 - v0) / (t1 - t0).as_secs_f64()
+    };
+    let before = rate(frozen_at - Duration::from_secs(5), frozen_at);
+    // Until B begins on A's partitions (their count is polled every
+    // 100 ms): B's own partitions alone.
+    let during = rate(frozen_at, resumed_at - Duration::from_millis(100));
+    let after = rate(recovered_at, after_end);
+    let got = env
+        .consume(&[topic], written.len() + 2000, Duration::from_secs(20))
+        .await;
+    let duplicates = check_order(&got, &written);
+    let bound = Duration::from_millis(TTL_MS + RENEW_MS + 3000 + 2000);
+    println!(
+        "frozen link: A held {} partitions; B published {before:.0}/s before, {during:.0}/s \
+         during, {after:.0}/s after; A's partitions resumed {:.1} s and caught up {:.1} s \
+         after the freeze (bound {:.0} s); A rejoined {:.1} s after the thaw; {} written, {} \
+         received, {duplicates} duplicates; B's takeover waits {:?} ms",
+        a_parts.len(),
+        (resumed_at - frozen_at).as_secs_f64(),
+        (recovered_at - frozen_at).as_secs_f64(),
+        bound.as_secs_f64(),
+        rejoined.as_secs_f64(),
+        written.len(),
+        got.len(),
+        b_took_over
+            .iter()
+            .map(|l| l["wait_ms"].as_i64().unwrap_or(0))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        during >= 0.8 * before,
+        "B kept its own partitions at full speed: {during:.0}/s during, {before:.0}/s before"
+    );
+    assert!(
+        recovered_at - frozen_at <= bound + Duration::from_secs(3),
+        "A's partitions were published again {:.1} s after the freeze (bound {:.0} s + 3 s)",
+        (recovered_at - frozen_at).as_secs_f64(),
+        bound.as_secs_f64()
+    );
+    assert!(
+        duplicates <= DEPTH * BATCH,
+        "{duplicates} duplicates: more than A's batches in flight at the freeze"
     );
 }
