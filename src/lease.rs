@@ -309,11 +309,13 @@ pub fn takeover_fence(kafka: &KafkaSettings) -> Duration {
 const TAKEOVER_MARGIN: Duration = Duration::from_secs(2);
 
 async fn connect(url: &str) -> sqlx::Result<PgConnection> {
-    url.parse::<PgConnectOptions>()?
+    let options = url
+        .parse::<PgConnectOptions>()?
         .application_name("outbox-relay-leases")
-        .options(sql::DEAD_PEER)
-        .connect()
-        .await
+        .options(sql::DEAD_PEER);
+    let conn = options.connect().await?;
+    sql::sockets::guard(options.get_port());
+    Ok(conn)
 }
 
 /// The lease task: heartbeats and renews until `token` is cancelled, then

@@ -183,8 +183,10 @@ pub(crate) async fn listen(url: String, wake: Arc<tokio::sync::Notify>, token: C
     let mut delays = relay::db_backoff();
     while !token.is_cancelled() {
         let listener = async {
+            let port = url.parse::<sqlx::postgres::PgConnectOptions>()?.get_port();
             let mut l = sqlx::postgres::PgListener::connect(&url).await?;
             l.listen("outbox_relay").await?;
+            crate::sql::sockets::guard(port);
             Ok::<_, sqlx::Error>(l)
         };
         let mut listener = match listener.await {

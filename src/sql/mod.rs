@@ -1,7 +1,8 @@
 //! Every SQL statement the relay and its CLI run, as small functions,
 //! grouped by who runs them: `outbox` the relay's claim and settlement,
 //! `leases` ownership of virtual partitions, `admin` the CLI's DLQ,
-//! retention and statistics, `schema` migrations. (The writer library's
+//! retention and statistics, `schema` migrations; `sockets` sets TCP
+//! keepalives on the relay's own connections. (The writer library's
 //! and the consumer kit's statements live in their own crates.)
 //!
 //! Failure handling and DLQ administration live in SQL functions
@@ -17,6 +18,7 @@ mod admin;
 mod leases;
 mod outbox;
 mod schema;
+pub mod sockets;
 
 pub use admin::*;
 pub use leases::*;

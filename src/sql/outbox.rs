@@ -58,9 +58,16 @@ pub async fn connect_relay(
             ),
         ])
         .options(DEAD_PEER);
+    let port = options.get_port();
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(timeout)
+        .after_connect(move |_, _| {
+            Box::pin(async move {
+                super::sockets::guard(port);
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
 }
@@ -74,6 +81,10 @@ pub async fn connect_relay(
 ///  * `tcp_user_timeout`: data the server sent stays unacknowledged 10 s;
 ///  * keepalives: an idle connection whose peer is gone, after 5 + 3 × 2 s;
 ///  * `statement_timeout`: no relay statement runs anywhere near a minute.
+///
+/// The relay's own sockets get the same keepalives and user timeout
+/// ([`super::sockets`]), so that it does not wait forever on a server
+/// that vanished.
 ///
 /// An idle transaction is ended by `idle_in_transaction_session_timeout`.
 /// A paused relay process on a live host is answered by its kernel, so only

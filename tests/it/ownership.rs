@@ -294,3 +294,70 @@ async fn a_lease_taken_over_from_an_expired_owner_is_fenced_for_its_producers_wi
     assert_eq!(fenced[&4], 0, "its own producer keeps its order");
     assert!(got.iter().all(|(_, epoch, _)| *epoch == 5), "{got:?}");
 }
+
+/// Every connection the relay holds to PostgreSQL (its pool's, its lease
+/// task's and its LISTEN connection) has TCP keepalives, so a relay waiting on a server that
+/// vanished without a reset gets an error instead of waiting forever. Read
+/// from the kernel's socket table: an idle socket with keepalives has its
+/// keepalive timer armed (`tr` 2 in `/proc/net/tcp`), one without has no
+/// timer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_relay_connection_to_postgres_has_tcp_keepalives() {
+    let env = TestEnv::new().await;
+    let relay = RelayProcess::start(&env, &[("OUTBOX_RELAY_RELAY__LISTEN", "true")]);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            !relay.logged("relaying source").is_empty()
+        })
+        .await,
+        "{}",
+        relay.tail(20)
+    );
+    let db_port = env
+        .relay_url()
+        .split_once('@')
+        .and_then(|(_, rest)| rest.split_once('/'))
+        .and_then(|(host, _)| host.rsplit_once(':'))
+        .map(|(_, port)| port.parse::<u16>().unwrap())
+        .unwrap();
+    let pid = relay.pid().as_raw();
+    // Socket inode → whether a keepalive timer was seen on it.
+    let mut seen: HashMap<u64, bool> = HashMap::new();
+    for _ in 0..20 {
+        let inodes: HashSet<u64> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter_map(|t| {
+                let t = t.to_string_lossy().into_owned();
+                t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+            })
+            .collect();
+        for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            let text = std::fs::read_to_string(table).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let remote_port = f[2]
+                    .rsplit_once(':')
+                    .map(|(_, p)| u16::from_str_radix(p, 16).unwrap());
+                let inode: u64 = f[9].parse().unwrap();
+                // st 01: established.
+                if f[3] != "01" || remote_port != Some(db_port) || !inodes.contains(&inode) {
+                    continue;
+                }
+                let keepalive = f[5].starts_with("02:");
+                *seen.entry(inode).or_default() |= keepalive;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.stop_cleanly();
+    assert!(
+        seen.len() >= 3,
+        "the relay's pool, lease task and LISTEN are connected: {seen:?}"
+    );
+    assert!(
+        seen.values().all(|k| *k),
+        "every connection to PostgreSQL has TCP keepalives (inode → seen): {seen:?}"
+    );
+}
