@@ -52,6 +52,12 @@ pub async fn connect_relay(
             ("enable_seqscan", "off".to_string()),
             ("enable_bitmapscan", "off".to_string()),
             ("enable_sort", "off".to_string()),
+            // Those settings price the plans they rule out with a huge
+            // cost; on PostgreSQL before 18 that cost also crosses
+            // `jit_above_cost`, and every claim (a few index lookups) was
+            // compiled to machine code first: 200 to 300 ms each where the
+            // server has JIT.
+            ("jit", "off".to_string()),
             (
                 "idle_in_transaction_session_timeout",
                 format!("{}ms", idle_timeout.as_millis()),
@@ -146,19 +152,17 @@ pub async fn locked_partitions(
     limit: i64,
 ) -> sqlx::Result<Vec<i16>> {
     let mut tx = pool.begin().await?;
-    let locked = sqlx::query_scalar(
-        "WITH due AS ( \
-             SELECT id, vpartition FROM outbox \
-              WHERE id > $2 AND available_at <= now() AND vpartition = ANY($1) \
-              ORDER BY id LIMIT $3 \
-         ), free AS ( \
+    let locked = sqlx::query_scalar(&format!(
+        "WITH due AS ({DUE}), \
+         free AS ( \
              SELECT id FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM due)) FOR UPDATE SKIP LOCKED \
          ) \
          SELECT DISTINCT vpartition FROM due WHERE id NOT IN (SELECT id FROM free) ORDER BY 1",
-    )
-    .bind(vpartitions)
-    .bind(after)
+        DUE = due_rows("vpartition", "AND vpartition = ANY($3)", "")
+    ))
     .bind(limit)
+    .bind(after)
+    .bind(vpartitions)
     .fetch_all(&mut *tx)
     .await?;
     tx.rollback().await?;
@@ -226,17 +230,58 @@ pub fn claim_statement(leased: bool) -> String {
         "DELETE FROM outbox WHERE id = ANY(ARRAY( \
              SELECT id FROM ( \
                  SELECT id, bytes, sum(bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS upto \
-                   FROM (SELECT id, {ROW_BYTES} AS bytes \
-                           FROM outbox \
-                          WHERE id > $2 AND available_at <= now() {filter} \
-                          ORDER BY id \
-                          LIMIT $1 \
-                          {lock}) due \
+                   FROM ({DUE}) due \
              ) sized \
               WHERE upto - bytes < $3)) \
            AND available_at <= now() \
          RETURNING {CLAIMED_COLUMNS}",
-        ROW_BYTES = row_bytes!()
+        DUE = due_rows(
+            &format!("{ROW_BYTES} AS bytes", ROW_BYTES = row_bytes!()),
+            filter,
+            lock
+        )
+    )
+}
+
+/// The first `$1` due rows above the ordering id `$2` (0: from the start;
+/// no row has id 0), `filter` narrowing them and `lock` locking them, in
+/// ordering-id order: retried rows, then fresh rows.
+///
+/// A row that failed was moved to a negative id (`outbox_reschedule`,
+/// migration 0012), below every fresh row, where the primary key walk of
+/// fresh rows never meets it. Due retried rows are found through
+/// `outbox_retried_due_idx` (`available_at, id` of rows with a negative id,
+/// which no insert maintains): rows not due yet are never read, however
+/// many wait. They are taken in the order they came due (rows that failed
+/// together share the instant and keep their id order), at most `$1` of
+/// them, then put in id order: a bounded sort. Fresh rows come after them,
+/// walked by the primary key in id order, as many as the limit leaves:
+/// Append runs its branches in turn and the Limit above stops pulling (and
+/// locking) once it has `$1` rows. A row with a positive id that failed
+/// before the upgrade (or under an older relay) is due like a fresh one.
+///
+/// A pipelined claim starts above its relay's last claimed row: above a
+/// fresh row it takes fresh rows only, and retried rows that came due wait
+/// for the next claim from the start, like any due row below the cursor.
+fn due_rows(columns: &str, filter: &str, lock: &str) -> String {
+    format!(
+        "SELECT * FROM ( \
+             SELECT * FROM ( \
+                 SELECT * FROM ( \
+                     SELECT id, {columns} FROM outbox \
+                      WHERE id < 0 AND ($2 = 0 OR id > $2) AND available_at <= now() {filter} \
+                      ORDER BY available_at, id \
+                      LIMIT $1 \
+                      {lock}) retried_by_due \
+                  ORDER BY id) retried \
+             UNION ALL \
+             SELECT * FROM ( \
+                 SELECT id, {columns} FROM outbox \
+                  WHERE id > greatest($2, 0) AND available_at <= now() {filter} \
+                  ORDER BY id \
+                  LIMIT $1 \
+                  {lock}) fresh \
+         ) due_rows LIMIT $1"
     )
 }
 
@@ -285,9 +330,12 @@ pub async fn dead_letter(
 }
 
 /// Records a failed attempt per row and pushes `available_at` forward
-/// (`outbox_schedule_retry`). Rows flagged `unknown` (error of unknown
-/// class) that reach `max_attempts` such failures are dead-lettered as
-/// `retries_exhausted` instead; their ids are returned.
+/// (`outbox_schedule_retry`), and moves the rows below the fresh rows
+/// (`outbox_reschedule`: a negative id, see [`claim_statement`]), so that
+/// claims do not read them until they are due. Rows flagged `unknown`
+/// (error of unknown class) that reach `max_attempts` such failures are
+/// dead-lettered as `retries_exhausted` instead; their ids (as given) are
+/// returned.
 pub async fn schedule_retry(
     tx: &mut PgConnection,
     ids: &[i64],
@@ -300,7 +348,7 @@ pub async fn schedule_retry(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_scalar("SELECT outbox_schedule_retry($1, $2, $3, $4, $5, $6)")
+    sqlx::query_scalar("SELECT outbox_reschedule($1, $2, $3, $4, $5, $6)")
         .bind(ids)
         .bind(errors)
         .bind(unknown)
