@@ -788,6 +788,76 @@ async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
         assert_eq!(rows.len(), 2);
         assert_eq!(rows[1].event_id, fresh[0], "leased={leased}");
     }
+
+    // Retried rows are taken in the order they came due, rows that failed
+    // together in id order, and a pipelined claim goes on after the last
+    // row of the batch in flight: it neither waits on that batch's rows
+    // nor takes a row of a group before one the batch left.
+    let group = |offset: i64, n: i64, ago: &str| {
+        format!(
+            "UPDATE outbox SET available_at = now() - interval '{ago}' \
+              WHERE id IN (SELECT id FROM outbox ORDER BY id OFFSET {offset} LIMIT {n}) \
+             RETURNING id"
+        )
+    };
+    let mut earlier: Vec<i64> = sqlx::query_scalar(&group(2000, 2, "3 seconds"))
+        .fetch_all(env.fixtures())
+        .await
+        .unwrap();
+    let mut together: Vec<i64> = sqlx::query_scalar(&group(1000, 3, "2 seconds"))
+        .fetch_all(env.fixtures())
+        .await
+        .unwrap();
+    earlier.sort_unstable();
+    together.sort_unstable();
+    let pool = outbox_relay::sql::connect_relay(
+        &env.relay_url(),
+        2,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let vps: Vec<i16> = (0..256).collect();
+    let mut in_flight = outbox_relay::sql::begin_claim(&pool).await.unwrap();
+    let first = outbox_relay::sql::claim(&mut in_flight, 3, 16 << 20, Some(&vps), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        first.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [earlier[0], earlier[1], together[0]]
+    );
+    let mut tx = outbox_relay::sql::begin_claim(&pool).await.unwrap();
+    let next =
+        outbox_relay::sql::claim(&mut tx, 10, 16 << 20, Some(&vps), first.last().unwrap().id)
+            .await
+            .unwrap();
+    tx.rollback().await.unwrap();
+    in_flight.rollback().await.unwrap();
+    assert_eq!(
+        next.iter().map(|r| r.id).take(3).collect::<Vec<_>>(),
+        [together[1], together[2], due]
+    );
+    assert_eq!(
+        next[3..]
+            .iter()
+            .map(|r| r.event_id.clone())
+            .collect::<Vec<_>>(),
+        fresh
+    );
+    // After a fresh row, a pipelined claim takes fresh rows only.
+    let mut tx = outbox_relay::sql::begin_claim(&pool).await.unwrap();
+    let after_fresh = outbox_relay::sql::claim(&mut tx, 10, 16 << 20, Some(&vps), next[3].id)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        after_fresh
+            .iter()
+            .map(|r| r.event_id.clone())
+            .collect::<Vec<_>>(),
+        fresh[1..]
+    );
 }
 
 /// Shared buffers a plan hit or read (a node's count includes its children's).
