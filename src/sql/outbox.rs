@@ -217,7 +217,7 @@ pub fn claim_order(row: &OutboxRow) -> (bool, Option<DateTime<Utc>>, i64) {
 }
 
 /// The claim statement: $1 limit in rows, $2 the row to go on after (0:
-/// from the start; see [`due_rows`]), $3 byte budget, $4 the leased virtual
+/// from the start; see `due_rows`), $3 byte budget, $4 the leased virtual
 /// partitions (with leases).
 ///
 /// The budget counts each row's `payload_bytes` (its size before TOAST
@@ -294,7 +294,7 @@ fn due_rows(columns: &str, filter: &str, lock: &str) -> String {
                  SELECT id, {columns}, available_at FROM outbox \
                   WHERE id < 0 AND available_at <= now() \
                     AND (available_at, id) > ( \
-                        CASE WHEN $2 = 0 THEN '-infinity'::timestamptz \
+                        CASE WHEN $2::bigint = 0 THEN '-infinity'::timestamptz \
                              WHEN $2 > 0 THEN 'infinity'::timestamptz \
                              ELSE coalesce((SELECT c.available_at FROM outbox c WHERE c.id = $2), \
                                            'infinity'::timestamptz) END, \

@@ -623,7 +623,7 @@ async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
         .map(|v| v.to_string())
         .collect::<Vec<_>>()
         .join(",");
-    let explain = |leased: bool, mode: &'static str| {
+    let explain = |leased: bool, mode: &'static str, after: i64| {
         let relay_pool = relay_pool.clone();
         let all = all.clone();
         async move {
@@ -632,7 +632,11 @@ async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
                 .execute(&mut *tx)
                 .await
                 .unwrap();
-            let name = format!("empty_{}_{mode}", if leased { "leased" } else { "plain" });
+            let name = format!(
+                "empty_{}_{mode}_{}",
+                if leased { "leased" } else { "plain" },
+                if after == 0 { "start" } else { "pipelined" }
+            );
             sqlx::query(&format!(
                 "PREPARE {name} AS {}",
                 outbox_relay::sql::claim_statement(leased)
@@ -641,9 +645,9 @@ async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
             .await
             .unwrap();
             let args = if leased {
-                format!("2000, 0, 16777216, '{{{all}}}'")
+                format!("2000, {after}, 16777216, '{{{all}}}'")
             } else {
-                "2000, 0, 16777216".to_string()
+                format!("2000, {after}, 16777216")
             };
             // Executed twice: the first pays for loading the relation's
             // metadata and pages into this backend; the second is what
@@ -666,7 +670,7 @@ async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
         }
     };
 
-    let before = explain(false, "force_custom_plan").await;
+    let before = explain(false, "force_custom_plan", 0).await;
     println!(
         "empty claim, {WAITING} rows waiting for a retry at their ids: {:.3} ms, \
          {} rows removed by filter, {} shared buffers hit",
@@ -695,42 +699,50 @@ async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
             .await
             .unwrap();
     assert_eq!((waiting, positive), (WAITING, 0));
-    for leased in [true, false] {
-        for mode in ["force_custom_plan", "force_generic_plan"] {
-            let plan = explain(leased, mode).await;
-            let root = &plan[0]["Plan"];
-            let removed = sum_of(root, "Rows Removed by Filter");
-            let hit = buffers(root);
-            println!(
-                "empty claim (leased={leased}, {mode}), {WAITING} rows waiting for a retry apart: \
-                 {:.3} ms, {removed} rows removed by filter, {hit} shared buffers",
-                plan[0]["Execution Time"].as_f64().unwrap(),
-            );
-            let mut nodes = Vec::new();
-            collect_nodes(root, &mut nodes);
-            for bad in ["Seq Scan", "Bitmap Heap Scan", "Hash Join"] {
-                assert!(
-                    !nodes.iter().any(|n| n == bad),
-                    "leased={leased} {mode}: the claim plan has a {bad} node: {nodes:?}\n{plan:#}"
-                );
-            }
+    // From the start, and pipelined after a retried row (a batch of
+    // retried rows in flight).
+    let first: i64 = sqlx::query_scalar("SELECT min(id) FROM outbox")
+        .fetch_one(env.fixtures())
+        .await
+        .unwrap();
+    for (leased, mode, after) in [true, false]
+        .into_iter()
+        .flat_map(|l| ["force_custom_plan", "force_generic_plan"].map(|m| (l, m)))
+        .flat_map(|(l, m)| [0, first].map(|a| (l, m, a)))
+    {
+        let plan = explain(leased, mode, after).await;
+        let root = &plan[0]["Plan"];
+        let removed = sum_of(root, "Rows Removed by Filter");
+        let hit = buffers(root);
+        println!(
+            "empty claim (leased={leased}, {mode}, after {after}), {WAITING} rows waiting for a \
+             retry apart: {:.3} ms, {removed} rows removed by filter, {hit} shared buffers",
+            plan[0]["Execution Time"].as_f64().unwrap(),
+        );
+        let mut nodes = Vec::new();
+        collect_nodes(root, &mut nodes);
+        for bad in ["Seq Scan", "Bitmap Heap Scan", "Hash Join"] {
             assert!(
-                sorts_are_bounded(root),
-                "leased={leased} {mode}: the claim plan sorts rows no Limit bounds: {nodes:?}\n{plan:#}"
-            );
-            assert_eq!(
-                root["Actual Rows"], 0,
-                "leased={leased} {mode}: nothing is due"
-            );
-            assert!(
-                removed < 10,
-                "leased={leased} {mode}: the claim filtered {removed} rows\n{plan:#}"
-            );
-            assert!(
-                hit < 50,
-                "leased={leased} {mode}: the claim read {hit} buffers\n{plan:#}"
+                !nodes.iter().any(|n| n == bad),
+                "leased={leased} {mode} after {after}: the claim plan has a {bad} node: {nodes:?}\n{plan:#}"
             );
         }
+        assert!(
+            sorts_are_bounded(root),
+            "leased={leased} {mode} after {after}: the claim plan sorts rows no Limit bounds: {nodes:?}\n{plan:#}"
+        );
+        assert_eq!(
+            root["Actual Rows"], 0,
+            "leased={leased} {mode} after {after}: nothing is due"
+        );
+        assert!(
+            removed < 10,
+            "leased={leased} {mode} after {after}: the claim filtered {removed} rows\n{plan:#}"
+        );
+        assert!(
+            hit < 50,
+            "leased={leased} {mode} after {after}: the claim read {hit} buffers\n{plan:#}"
+        );
     }
 
     // A retried row comes due, fresh rows are written: all are claimed,
