@@ -52,6 +52,7 @@ pub fn check(
         publisher: entry.publisher.clone(),
         vpartition: entry.vpartition.unwrap_or(0),
         bytes: 0,
+        available_at: entry.occurred_at,
     };
     envelope::prepare(&row, catalog, &kafka.topic_prefix, kafka.max_message_bytes)
         .map(|_| ())

@@ -396,6 +396,9 @@ mod tests {
             publisher: Some("money".into()),
             vpartition: 0,
             bytes: 0,
+            available_at: DateTime::parse_from_rfc3339("2026-11-29T10:00:00.123456Z")
+                .unwrap()
+                .with_timezone(&Utc),
         }
     }
 

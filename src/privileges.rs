@@ -74,6 +74,17 @@ pub const RETRY_COLUMNS: &[&str] = &[
     "available_at",
 ];
 
+/// What `outbox_reschedule` updates: the retry bookkeeping, and the id of
+/// a failed row, which moves below the fresh rows (migration 0012).
+pub const RESCHEDULE_COLUMNS: &[&str] = &[
+    "attempts",
+    "unknown_failures",
+    "last_error",
+    "first_failed_at",
+    "available_at",
+    "id",
+];
+
 /// What the relay may write into the DLQ's audit trail: never who or when
 /// (`made_by`, `made_at` take their defaults, the session and the time).
 pub const REVISION_COLUMNS: &[&str] = &[
@@ -101,7 +112,7 @@ pub const GRANTS: &[Grant] = &[
     // Relay: claim, settle, dead-letter, lease, heartbeat.
     g(R, "SELECT", On::Table("outbox"), "claim (DELETE … RETURNING), backlog"),
     g(R, "DELETE", On::Table("outbox"), "claim, delete after the ack"),
-    g(R, "UPDATE", On::Columns("outbox", RETRY_COLUMNS), "outbox_schedule_retry; row locks of a settling batch"),
+    g(R, "UPDATE", On::Columns("outbox", RESCHEDULE_COLUMNS), "outbox_reschedule; row locks of a settling batch"),
     g(R, "SELECT", On::Table("outbox_dlq"), "outbox_dead_letter, status"),
     g(R, "INSERT", On::Table("outbox_dlq"), "outbox_dead_letter"),
     g(R, "UPDATE", On::Table("outbox_dlq"), "outbox_dead_letter of a replayed entry"),
@@ -116,7 +127,8 @@ pub const GRANTS: &[Grant] = &[
     g(R, "UPDATE", On::Table("outbox_leases"), "lease functions"),
     g(R, "SELECT", On::Table("_sqlx_migrations"), "schema version check at start-up"),
     g(R, "EXECUTE", On::Function("outbox_dead_letter(bigint[],text[],text[])"), "permanent failures"),
-    g(R, "EXECUTE", On::Function("outbox_schedule_retry(bigint[],text[],boolean[],integer,bigint,bigint)"), "transient failures"),
+    g(R, "EXECUTE", On::Function("outbox_schedule_retry(bigint[],text[],boolean[],integer,bigint,bigint)"), "transient failures (relays before 0.2.0; outbox_reschedule)"),
+    g(R, "EXECUTE", On::Function("outbox_reschedule(bigint[],text[],boolean[],integer,bigint,bigint)"), "transient failures"),
     g(R, "EXECUTE", On::Function("outbox_retry_delay(integer,bigint,bigint,double precision)"), "outbox_schedule_retry"),
     g(R, "EXECUTE", On::Function("outbox_lease_renew(text,integer)"), "leases"),
     g(R, "EXECUTE", On::Function("outbox_lease_acquire(text,integer,integer)"), "leases (relays before 0.2.0)"),

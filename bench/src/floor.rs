@@ -238,6 +238,7 @@ pub fn prepare(
         publisher: Some(info.publisher.clone()),
         vpartition: 0,
         bytes: 0,
+        available_at: chrono::Utc::now(),
     };
     envelope::prepare(&row, catalog, prefix, max_message_bytes)
         .map_err(|r| anyhow::anyhow!("event {seq}: {}", r.message))

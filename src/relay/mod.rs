@@ -257,7 +257,8 @@ impl Relay {
                         // Stopped by the row limit or the byte budget:
                         // more rows are probably due.
                         let was_full = claimed.was_full(full, budget);
-                        // Rows come back in ordering-id order.
+                        // Rows come back in claim order: the last one is
+                        // where a pipelined claim goes on.
                         cursor = claimed.rows.last().map(|r| r.id);
                         inflight.push_back(self.spawn_batch(claimed, &mut produce_turn));
                         if was_full {

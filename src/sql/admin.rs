@@ -61,6 +61,8 @@ pub struct Backlog {
 }
 
 pub async fn backlog(pool: &PgPool, exact_below: i64) -> sqlx::Result<Backlog> {
+    // The oldest pending row is the first retried row (negative ids,
+    // migration 0012) or the first other row, whichever occurred first.
     sqlx::query_as::<_, Backlog>(
         "WITH est AS ( \
              SELECT greatest(c.reltuples, 0)::bigint AS n FROM pg_class c WHERE c.oid = 'outbox'::regclass \
@@ -73,7 +75,10 @@ pub async fn backlog(pool: &PgPool, exact_below: i64) -> sqlx::Result<Backlog> {
          ) \
          SELECT CASE WHEN exact.n < $1 THEN exact.n ELSE greatest(est.n, exact.n) END AS pending, \
                 exact.n >= $1 AS pending_is_estimate, \
-                coalesce(extract(epoch FROM now() - (SELECT occurred_at FROM outbox ORDER BY id LIMIT 1)), 0)::float8 \
+                coalesce(extract(epoch FROM now() - (SELECT min(occurred_at) FROM ( \
+                    (SELECT occurred_at FROM outbox WHERE id < 0 ORDER BY id LIMIT 1) \
+                    UNION ALL (SELECT occurred_at FROM outbox WHERE id > 0 ORDER BY id LIMIT 1)) oldest)), \
+                         0)::float8 \
                     AS oldest_pending_age_seconds, \
                 CASE WHEN dlq_exact.n < $1 THEN dlq_exact.n ELSE greatest(dlq_est.n, dlq_exact.n) END AS dlq_dead, \
                 dlq_exact.n >= $1 AS dlq_is_estimate \

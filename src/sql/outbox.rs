@@ -24,6 +24,8 @@ pub struct OutboxRow {
     pub vpartition: i16,
     /// What the claim counted against `relay.max_batch_bytes` for this row.
     pub bytes: i64,
+    /// When the row became due: a claim takes retried rows in this order.
+    pub available_at: DateTime<Utc>,
 }
 
 /// A pool for a relay: a row lock held by a stalled relay surfaces as an
@@ -52,6 +54,12 @@ pub async fn connect_relay(
             ("enable_seqscan", "off".to_string()),
             ("enable_bitmapscan", "off".to_string()),
             ("enable_sort", "off".to_string()),
+            // Those settings price the plans they rule out with a huge
+            // cost; on PostgreSQL before 18 that cost also crosses
+            // `jit_above_cost`, and every claim (a few index lookups) was
+            // compiled to machine code first: 200 to 300 ms each where the
+            // server has JIT.
+            ("jit", "off".to_string()),
             (
                 "idle_in_transaction_session_timeout",
                 format!("{}ms", idle_timeout.as_millis()),
@@ -113,6 +121,7 @@ impl<'r> sqlx::FromRow<'r, PgRow> for OutboxRow {
             publisher: row.try_get(8)?,
             vpartition: row.try_get(9)?,
             bytes: row.try_get(10)?,
+            available_at: row.try_get(11)?,
         })
     }
 }
@@ -131,7 +140,7 @@ const CLAIMED_COLUMNS: &str = concat!(
     "id, event_id, event_type, tenant_id, payload::text AS payload, \
      headers::text AS headers, occurred_at, attempts, publisher, vpartition, ",
     row_bytes!(),
-    " AS bytes"
+    " AS bytes, available_at"
 );
 
 /// Opens a claim's transaction with the savepoint [`unclaim`] rolls back
@@ -157,32 +166,32 @@ pub async fn locked_partitions(
     limit: i64,
 ) -> sqlx::Result<Vec<i16>> {
     let mut tx = pool.begin().await?;
-    let locked = sqlx::query_scalar(
-        "WITH due AS ( \
-             SELECT id, vpartition FROM outbox \
-              WHERE id > $2 AND available_at <= now() AND vpartition = ANY($1) \
-              ORDER BY id LIMIT $3 \
-         ), free AS ( \
+    let locked = sqlx::query_scalar(&format!(
+        "WITH due AS ({DUE}), \
+         free AS ( \
              SELECT id FROM outbox WHERE id = ANY(ARRAY(SELECT id FROM due)) FOR UPDATE SKIP LOCKED \
          ) \
          SELECT DISTINCT vpartition FROM due WHERE id NOT IN (SELECT id FROM free) ORDER BY 1",
-    )
-    .bind(vpartitions)
-    .bind(after)
+        DUE = due_rows("vpartition", "AND vpartition = ANY($3)", "")
+    ))
     .bind(limit)
+    .bind(after)
+    .bind(vpartitions)
     .fetch_all(&mut *tx)
     .await?;
     tx.rollback().await?;
     Ok(locked)
 }
 
-/// Claims due rows above `after_id` in ordering-id order — of the given
-/// virtual partitions when leases are on — up to `limit` rows and, past the
-/// first row, `max_bytes` of payload and headers (see [`claim_statement`]),
-/// and deletes them in one statement, inside the savepoint [`begin_claim`]
-/// opened: nothing is removed until that transaction commits after Kafka
-/// acknowledged the batch, and [`unclaim`] undoes the delete when some rows
-/// must stay. Rows come back in ordering-id order.
+/// Claims due rows after the row `after_id` (0: from the start) in claim
+/// order (see [`claim_order`]) — of the given virtual partitions when
+/// leases are on — up to `limit` rows and, past the first row, `max_bytes`
+/// of payload and headers (see [`claim_statement`]), and deletes them in one
+/// statement, inside the savepoint [`begin_claim`] opened: nothing is
+/// removed until that transaction commits after Kafka acknowledged the
+/// batch, and [`unclaim`] undoes the delete when some rows must stay. Rows
+/// come back in claim order; the last one is where a pipelined claim goes
+/// on.
 ///
 /// Without leases, other relays skip the locked rows (SKIP LOCKED). With
 /// leases there is no SKIP LOCKED: a row still locked by a relay that lost
@@ -204,12 +213,23 @@ pub async fn claim(
         query = query.bind(vps);
     }
     let mut rows = query.fetch_all(&mut **tx).await?;
-    rows.sort_unstable_by_key(|r| r.id);
+    rows.sort_unstable_by_key(claim_order);
     Ok(rows)
 }
 
-/// The claim statement: $1 limit in rows, $2 ordering id to start above,
-/// $3 byte budget, $4 the leased virtual partitions (with leases).
+/// The order in which claims take and publish rows: retried rows (moved
+/// to negative ids by `outbox_reschedule`) in the order they came due, rows
+/// that failed together (one due instant) in id order; then the other rows
+/// in ordering-id order. A key's fresh rows keep the order they were
+/// written in; a retried row lets later events of its key pass anyway
+/// (docs/delivery.md).
+pub fn claim_order(row: &OutboxRow) -> (bool, Option<DateTime<Utc>>, i64) {
+    (row.id > 0, (row.id < 0).then_some(row.available_at), row.id)
+}
+
+/// The claim statement: $1 limit in rows, $2 the row to go on after (0:
+/// from the start; see `due_rows`), $3 byte budget, $4 the leased virtual
+/// partitions (with leases).
 ///
 /// The budget counts each row's `payload_bytes` (its size before TOAST
 /// compression, set by the insert trigger; the stored size for rows written
@@ -236,18 +256,72 @@ pub fn claim_statement(leased: bool) -> String {
     format!(
         "DELETE FROM outbox WHERE id = ANY(ARRAY( \
              SELECT id FROM ( \
-                 SELECT id, bytes, sum(bytes) OVER (ORDER BY id ROWS UNBOUNDED PRECEDING) AS upto \
-                   FROM (SELECT id, {ROW_BYTES} AS bytes \
-                           FROM outbox \
-                          WHERE id > $2 AND available_at <= now() {filter} \
-                          ORDER BY id \
-                          LIMIT $1 \
-                          {lock}) due \
+                 SELECT id, bytes, sum(bytes) OVER (ORDER BY {CLAIM_ORDER} ROWS UNBOUNDED PRECEDING) AS upto \
+                   FROM ({DUE}) due \
              ) sized \
               WHERE upto - bytes < $3)) \
            AND available_at <= now() \
          RETURNING {CLAIMED_COLUMNS}",
-        ROW_BYTES = row_bytes!()
+        DUE = due_rows(
+            &format!("{ROW_BYTES} AS bytes", ROW_BYTES = row_bytes!()),
+            filter,
+            lock
+        )
+    )
+}
+
+/// [`claim_order`] in SQL, over the columns of [`due_rows`].
+const CLAIM_ORDER: &str = "id > 0, CASE WHEN id < 0 THEN available_at END, id";
+
+/// The first `$1` due rows after the row `$2` in claim order (0: from the
+/// start; no row has id 0), `filter` narrowing them and `lock` locking them:
+/// retried rows, then fresh rows. Columns: `id`, `columns`, `available_at`.
+///
+/// A row that failed was moved to a negative id (`outbox_reschedule`,
+/// migration 0012), below every fresh row, where the primary key walk of
+/// fresh rows never meets it. Due retried rows are found through
+/// `outbox_retried_due_idx` (`available_at, id` of rows with a negative id,
+/// which no insert maintains): rows not due yet are never read, however
+/// many wait. They are taken in the order they came due (rows that failed
+/// together share the instant and keep their id order), at most `$1` of
+/// them. Fresh rows come after them, walked by the primary key in id order,
+/// as many as the limit leaves: Append runs its branches in turn, and the
+/// Limit above stops pulling (and locking) once it has `$1` rows. A row
+/// with a positive id that failed before the upgrade (or under a relay of
+/// 0.1.0) is due like a fresh one.
+///
+/// A pipelined claim goes on after its relay's last claimed row. After a
+/// fresh row it takes fresh rows above it and no retried row: those wait
+/// for the next claim from the start, like any due row below the cursor.
+/// After a retried row (a batch of retried rows only) it takes retried rows
+/// after that row in (due instant, id) order, and fresh rows from the
+/// start (none is in flight). The cursor row is read as this statement's
+/// snapshot sees it: still there, deleted by the relay's own uncommitted
+/// batch; if that batch has ended since, no retried row is taken.
+fn due_rows(columns: &str, filter: &str, lock: &str) -> String {
+    format!(
+        "SELECT * FROM ( \
+             SELECT * FROM ( \
+                 SELECT id, {columns}, available_at FROM outbox \
+                  WHERE id < 0 AND available_at <= now() \
+                    AND (available_at, id) > ( \
+                        CASE WHEN $2::bigint = 0 THEN '-infinity'::timestamptz \
+                             WHEN $2 > 0 THEN 'infinity'::timestamptz \
+                             ELSE coalesce((SELECT c.available_at FROM outbox c WHERE c.id = $2), \
+                                           'infinity'::timestamptz) END, \
+                        $2) \
+                    {filter} \
+                  ORDER BY available_at, id \
+                  LIMIT $1 \
+                  {lock}) retried \
+             UNION ALL \
+             SELECT * FROM ( \
+                 SELECT id, {columns}, available_at FROM outbox \
+                  WHERE id > greatest($2, 0) AND available_at <= now() {filter} \
+                  ORDER BY id \
+                  LIMIT $1 \
+                  {lock}) fresh \
+         ) due_rows LIMIT $1"
     )
 }
 
@@ -296,9 +370,12 @@ pub async fn dead_letter(
 }
 
 /// Records a failed attempt per row and pushes `available_at` forward
-/// (`outbox_schedule_retry`). Rows flagged `unknown` (error of unknown
-/// class) that reach `max_attempts` such failures are dead-lettered as
-/// `retries_exhausted` instead; their ids are returned.
+/// (`outbox_schedule_retry`), and moves the rows below the fresh rows
+/// (`outbox_reschedule`: a negative id, see [`claim_statement`]), so that
+/// claims do not read them until they are due. Rows flagged `unknown`
+/// (error of unknown class) that reach `max_attempts` such failures are
+/// dead-lettered as `retries_exhausted` instead; their ids (as given) are
+/// returned.
 pub async fn schedule_retry(
     tx: &mut PgConnection,
     ids: &[i64],
@@ -311,7 +388,7 @@ pub async fn schedule_retry(
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    sqlx::query_scalar("SELECT outbox_schedule_retry($1, $2, $3, $4, $5, $6)")
+    sqlx::query_scalar("SELECT outbox_reschedule($1, $2, $3, $4, $5, $6)")
         .bind(ids)
         .bind(errors)
         .bind(unknown)

@@ -852,12 +852,13 @@ async fn only_unknown_class_failures_use_up_max_attempts() {
     let ids_of = |rows: &[PendingRow]| -> HashMap<String, i64> {
         rows.iter().map(|r| (r.event_id.clone(), r.id)).collect()
     };
-    let by_id = ids_of(&pending(&env).await);
-    let (t, u) = (by_id[&transient], by_id[&unknown]);
     // The relay's settle path, as the relay role.
     let relay_pool = env.relay_pool().await;
     // Many transient failures, then unknown ones: only the unknown count.
     for round in 1..=5 {
+        // The first failure moves the rows below the fresh ones (a new id).
+        let by_id = ids_of(&pending(&env).await);
+        let (t, u) = (by_id[&transient], by_id[&unknown]);
         let mut tx = relay_pool.begin().await.unwrap();
         let (ids, unknown_flags) = if round <= 3 {
             (vec![t, u], vec![false, false])

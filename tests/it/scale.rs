@@ -583,6 +583,321 @@ async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
     }
 }
 
+/// Rows waiting for a retry are out of the claim's way: with 100 000 rows
+/// rescheduled an hour ahead (a broker outage), an empty claim reads
+/// neither them nor their index entries, under custom and generic plans,
+/// leased and plain; a due retried row and fresh rows are still claimed,
+/// fresh ones in id order. Prints the empty claim's execution time with the
+/// rows where they failed (as before migration 0012) and moved apart.
+#[tokio::test]
+async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
+    const WAITING: i64 = 100_000;
+    let env = TestEnv::new().await;
+    sqlx::query(
+        "INSERT INTO outbox (event_type, tenant_id, payload) \
+         SELECT 'auth.user.created', 'tenant-1', \
+                jsonb_build_object('userId', 'u' || g, 'email', 'u' || g || '@example.com') \
+           FROM generate_series(1, $1) g",
+    )
+    .bind(WAITING)
+    .execute(&env.writer("iam").await)
+    .await
+    .unwrap();
+    let relay_pool = outbox_relay::sql::connect_relay(
+        &env.relay_url(),
+        1,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    // Every row failed and waits an hour, where it is (what relays before
+    // migration 0012 did, and still do until upgraded).
+    let retry = |function: &str| {
+        format!(
+            "SELECT count(*) FROM {function}(ARRAY(SELECT id FROM outbox ORDER BY id), \
+                 array_fill('broker down'::text, ARRAY[{WAITING}]), array_fill(false, ARRAY[{WAITING}]), \
+                 10, 3600000, 3600000)"
+        )
+    };
+    sqlx::query(&retry("outbox_schedule_retry"))
+        .execute(&relay_pool)
+        .await
+        .unwrap();
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(env.fixtures())
+        .await
+        .unwrap();
+    let all = (0..256)
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let explain = |leased: bool, mode: &'static str, after: i64| {
+        let relay_pool = relay_pool.clone();
+        let all = all.clone();
+        async move {
+            let mut tx = relay_pool.begin().await.unwrap();
+            sqlx::query(&format!("SET LOCAL plan_cache_mode = {mode}"))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let name = format!(
+                "empty_{}_{mode}_{}",
+                if leased { "leased" } else { "plain" },
+                if after == 0 { "start" } else { "pipelined" }
+            );
+            sqlx::query(&format!(
+                "PREPARE {name} AS {}",
+                outbox_relay::sql::claim_statement(leased)
+            ))
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            let args = if leased {
+                format!("2000, {after}, 16777216, '{{{all}}}'")
+            } else {
+                format!("2000, {after}, 16777216")
+            };
+            // Executed twice: the first pays for loading the relation's
+            // metadata and pages into this backend; the second is what
+            // every idle poll costs.
+            let mut plan = serde_json::Value::Null;
+            for _ in 0..2 {
+                plan = sqlx::query_scalar(&format!(
+                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}({args})"
+                ))
+                .fetch_one(&mut *tx)
+                .await
+                .unwrap();
+            }
+            sqlx::query(&format!("DEALLOCATE {name}"))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx.rollback().await.unwrap();
+            plan
+        }
+    };
+
+    let before = explain(false, "force_custom_plan", 0).await;
+    println!(
+        "empty claim, {WAITING} rows waiting for a retry at their ids: {:.3} ms, \
+         {} rows removed by filter, {} shared buffers hit",
+        before[0]["Execution Time"].as_f64().unwrap(),
+        sum_of(&before[0]["Plan"], "Rows Removed by Filter"),
+        buffers(&before[0]["Plan"]),
+    );
+    assert!(
+        sum_of(&before[0]["Plan"], "Rows Removed by Filter") >= WAITING,
+        "rows rescheduled where they are are walked (and still claimed when due): {before:#}"
+    );
+
+    // The same rows, rescheduled by an upgraded relay: moved apart.
+    let moved: i64 = sqlx::query_scalar(&retry("outbox_reschedule"))
+        .fetch_one(&relay_pool)
+        .await
+        .unwrap();
+    assert_eq!(moved, 0, "nothing dead-lettered");
+    sqlx::query("VACUUM ANALYZE outbox")
+        .execute(env.fixtures())
+        .await
+        .unwrap();
+    let (waiting, positive): (i64, i64) =
+        sqlx::query_as("SELECT count(*), count(*) FILTER (WHERE id > 0) FROM outbox")
+            .fetch_one(env.fixtures())
+            .await
+            .unwrap();
+    assert_eq!((waiting, positive), (WAITING, 0));
+    // From the start, and pipelined after a retried row (a batch of
+    // retried rows in flight).
+    let first: i64 = sqlx::query_scalar("SELECT min(id) FROM outbox")
+        .fetch_one(env.fixtures())
+        .await
+        .unwrap();
+    for (leased, mode, after) in [true, false]
+        .into_iter()
+        .flat_map(|l| ["force_custom_plan", "force_generic_plan"].map(|m| (l, m)))
+        .flat_map(|(l, m)| [0, first].map(|a| (l, m, a)))
+    {
+        let plan = explain(leased, mode, after).await;
+        let root = &plan[0]["Plan"];
+        let removed = sum_of(root, "Rows Removed by Filter");
+        let hit = buffers(root);
+        println!(
+            "empty claim (leased={leased}, {mode}, after {after}), {WAITING} rows waiting for a \
+             retry apart: {:.3} ms, {removed} rows removed by filter, {hit} shared buffers",
+            plan[0]["Execution Time"].as_f64().unwrap(),
+        );
+        let mut nodes = Vec::new();
+        collect_nodes(root, &mut nodes);
+        for bad in ["Seq Scan", "Bitmap Heap Scan", "Hash Join"] {
+            assert!(
+                !nodes.iter().any(|n| n == bad),
+                "leased={leased} {mode} after {after}: the claim plan has a {bad} node: {nodes:?}\n{plan:#}"
+            );
+        }
+        assert!(
+            sorts_are_bounded(root),
+            "leased={leased} {mode} after {after}: the claim plan sorts rows no Limit bounds: {nodes:?}\n{plan:#}"
+        );
+        assert_eq!(
+            root["Actual Rows"], 0,
+            "leased={leased} {mode} after {after}: nothing is due"
+        );
+        assert!(
+            removed < 10,
+            "leased={leased} {mode} after {after}: the claim filtered {removed} rows\n{plan:#}"
+        );
+        assert!(
+            hit < 50,
+            "leased={leased} {mode} after {after}: the claim read {hit} buffers\n{plan:#}"
+        );
+    }
+
+    // A retried row comes due, fresh rows are written: all are claimed,
+    // the retried row first, the fresh rows in the order they were written.
+    let due: i64 = sqlx::query_scalar(
+        "UPDATE outbox SET available_at = now() - interval '1 second' \
+          WHERE id = (SELECT id FROM outbox ORDER BY id OFFSET 500 LIMIT 1) RETURNING id",
+    )
+    .fetch_one(env.fixtures())
+    .await
+    .unwrap();
+    let mut fresh = Vec::new();
+    for g in 0..3 {
+        fresh.push(
+            env.insert(
+                "auth.user.created",
+                json!({"userId": format!("fresh-{g}"), "email": format!("fresh-{g}@example.com")}),
+            )
+            .await,
+        );
+    }
+    for leased in [true, false] {
+        let mut tx = outbox_relay::sql::begin_claim(&relay_pool).await.unwrap();
+        let vps: Vec<i16> = (0..256).collect();
+        let rows =
+            outbox_relay::sql::claim(&mut tx, 10, 16 << 20, leased.then_some(vps.as_slice()), 0)
+                .await
+                .unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(rows.len(), 4, "leased={leased}: {rows:?}");
+        assert_eq!(rows[0].id, due, "leased={leased}");
+        assert!(rows[0].attempts > 0 && rows[0].id < 0);
+        assert_eq!(
+            rows[1..]
+                .iter()
+                .map(|r| r.event_id.clone())
+                .collect::<Vec<_>>(),
+            fresh,
+            "leased={leased}: fresh rows in the order written"
+        );
+        assert!(rows[1..].windows(2).all(|w| w[0].id < w[1].id));
+        assert!(rows[1..].iter().all(|r| r.attempts == 0 && r.id > 0));
+        // A limit of 2 takes the retried row and the first fresh one.
+        let mut tx = outbox_relay::sql::begin_claim(&relay_pool).await.unwrap();
+        let rows =
+            outbox_relay::sql::claim(&mut tx, 2, 16 << 20, leased.then_some(vps.as_slice()), 0)
+                .await
+                .unwrap();
+        tx.rollback().await.unwrap();
+        assert_eq!(
+            rows.iter().map(|r| r.id).collect::<Vec<_>>()[..1],
+            [due],
+            "leased={leased}"
+        );
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[1].event_id, fresh[0], "leased={leased}");
+    }
+
+    // Retried rows are taken in the order they came due, rows that failed
+    // together in id order, and a pipelined claim goes on after the last
+    // row of the batch in flight: it neither waits on that batch's rows
+    // nor takes a row of a group before one the batch left.
+    let group = |offset: i64, n: i64, ago: &str| {
+        format!(
+            "UPDATE outbox SET available_at = now() - interval '{ago}' \
+              WHERE id IN (SELECT id FROM outbox ORDER BY id OFFSET {offset} LIMIT {n}) \
+             RETURNING id"
+        )
+    };
+    let mut earlier: Vec<i64> = sqlx::query_scalar(&group(2000, 2, "3 seconds"))
+        .fetch_all(env.fixtures())
+        .await
+        .unwrap();
+    let mut together: Vec<i64> = sqlx::query_scalar(&group(1000, 3, "2 seconds"))
+        .fetch_all(env.fixtures())
+        .await
+        .unwrap();
+    earlier.sort_unstable();
+    together.sort_unstable();
+    let pool = outbox_relay::sql::connect_relay(
+        &env.relay_url(),
+        2,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap();
+    let vps: Vec<i16> = (0..256).collect();
+    let mut in_flight = outbox_relay::sql::begin_claim(&pool).await.unwrap();
+    let first = outbox_relay::sql::claim(&mut in_flight, 3, 16 << 20, Some(&vps), 0)
+        .await
+        .unwrap();
+    assert_eq!(
+        first.iter().map(|r| r.id).collect::<Vec<_>>(),
+        [earlier[0], earlier[1], together[0]]
+    );
+    let mut tx = outbox_relay::sql::begin_claim(&pool).await.unwrap();
+    let next =
+        outbox_relay::sql::claim(&mut tx, 10, 16 << 20, Some(&vps), first.last().unwrap().id)
+            .await
+            .unwrap();
+    tx.rollback().await.unwrap();
+    in_flight.rollback().await.unwrap();
+    assert_eq!(
+        next.iter().map(|r| r.id).take(3).collect::<Vec<_>>(),
+        [together[1], together[2], due]
+    );
+    assert_eq!(
+        next[3..]
+            .iter()
+            .map(|r| r.event_id.clone())
+            .collect::<Vec<_>>(),
+        fresh
+    );
+    // After a fresh row, a pipelined claim takes fresh rows only.
+    let mut tx = outbox_relay::sql::begin_claim(&pool).await.unwrap();
+    let after_fresh = outbox_relay::sql::claim(&mut tx, 10, 16 << 20, Some(&vps), next[3].id)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    assert_eq!(
+        after_fresh
+            .iter()
+            .map(|r| r.event_id.clone())
+            .collect::<Vec<_>>(),
+        fresh[1..]
+    );
+}
+
+/// Shared buffers a plan hit or read (a node's count includes its children's).
+fn buffers(plan: &serde_json::Value) -> i64 {
+    plan["Shared Hit Blocks"].as_i64().unwrap_or(0)
+        + plan["Shared Read Blocks"].as_i64().unwrap_or(0)
+}
+
+/// The sum of `key` over the plan's nodes.
+fn sum_of(plan: &serde_json::Value, key: &str) -> i64 {
+    plan[key].as_i64().unwrap_or(0)
+        + plan["Plans"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| sum_of(p, key))
+            .sum::<i64>()
+}
+
 /// Every Sort node of the plan has a Limit below it.
 fn sorts_are_bounded(plan: &serde_json::Value) -> bool {
     let children = || plan["Plans"].as_array().into_iter().flatten();

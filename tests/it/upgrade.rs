@@ -695,6 +695,19 @@ async fn an_installation_of_the_last_release_upgrades_in_place_and_loses_nothing
         rows_before,
         "the migrations changed rows"
     );
+    // Rows the old release rescheduled stay where they failed (0012 moves
+    // only rows that fail under an upgraded relay): the claim still finds
+    // them by the primary key when they come due, below.
+    let (under_retry, moved_apart): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE attempts > 0), count(*) FILTER (WHERE id < 0) FROM outbox",
+    )
+    .fetch_one(env.fixtures())
+    .await
+    .unwrap();
+    assert_eq!(
+        (under_retry, moved_apart),
+        (before["outbox under retry"], 0)
+    );
     let consumer = consumer_role(&env, &admin, Some(consumer), &[&crm, &audit_sync]).await;
 
     // --- The current relay, as the relay role, until the outbox is empty:
