@@ -600,14 +600,7 @@ async fn sigkill_20_times_during_a_10k_stream_every_event_arrives() {
     // The kills may have left nothing to drain: the relay is stopped only
     // once it has started (a SIGTERM before its handler is installed ends
     // the process by the signal's default action).
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            !relay.logged("relaying source").is_empty()
-        })
-        .await,
-        "the last relay started:\n{}",
-        relay.tail(20)
-    );
+    relay.wait_started().await;
     let written = writer.finish(false).await;
     let restarted = Instant::now();
     wait_drained(&env, Duration::from_secs(90))

@@ -308,6 +308,20 @@ impl RelayProcess {
         self.child.wait().unwrap();
     }
 
+    /// Waits up to 30 s for it to relay its source (connected, schema and
+    /// grants checked, lease task started); panics with its log if not.
+    pub async fn wait_started(&self) {
+        let started = super::eventually(Duration::from_secs(30), || async {
+            !self.logged("relaying source").is_empty()
+        })
+        .await;
+        assert!(
+            started,
+            "the relay did not start; it logged:\n{}",
+            self.tail(20)
+        );
+    }
+
     /// SIGTERM, and the exit must be clean: a failure shows the exit status
     /// and the relay's last log lines, which say why it stopped.
     pub fn stop_cleanly(mut self) {

@@ -305,14 +305,7 @@ async fn a_lease_taken_over_from_an_expired_owner_is_fenced_for_its_producers_wi
 async fn every_relay_connection_to_postgres_has_tcp_keepalives() {
     let env = TestEnv::new().await;
     let relay = RelayProcess::start(&env, &[("OUTBOX_RELAY_RELAY__LISTEN", "true")]);
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            !relay.logged("relaying source").is_empty()
-        })
-        .await,
-        "{}",
-        relay.tail(20)
-    );
+    relay.wait_started().await;
     let db_port = env
         .relay_url()
         .split_once('@')

@@ -502,63 +502,16 @@ async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
         .execute(env.fixtures())
         .await
         .unwrap();
-    sqlx::query(
-        "INSERT INTO outbox (event_type, tenant_id, payload) \
-         SELECT 'auth.user.created', 'tenant-1', \
-                jsonb_build_object('userId', 'u' || g, 'email', 'u' || g || '@example.com') \
-           FROM generate_series(1, 30000) g",
-    )
-    .execute(&env.writer("iam").await)
-    .await
-    .unwrap();
-    let relay_pool = outbox_relay::sql::connect_relay(
-        &env.relay_url(),
-        1,
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    write_users(&env, 30_000).await;
+    let relay_pool = relay_pool(&env).await;
     // The relay deletes what it published: all but the last 200 rows.
     sqlx::query("DELETE FROM outbox WHERE id < (SELECT max(id) - 200 FROM outbox)")
         .execute(&relay_pool)
         .await
         .unwrap();
-    let all = (0..256)
-        .map(|v| v.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
     for leased in [true, false] {
         for mode in ["force_custom_plan", "force_generic_plan"] {
-            let mut tx = relay_pool.begin().await.unwrap();
-            sqlx::query(&format!("SET LOCAL plan_cache_mode = {mode}"))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            // A prepared statement outlives the transaction on its pooled
-            // connection: one name per case, deallocated below.
-            let name = format!("claim_{}_{mode}", if leased { "leased" } else { "plain" });
-            sqlx::query(&format!(
-                "PREPARE {name} AS {}",
-                outbox_relay::sql::claim_statement(leased)
-            ))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-            let explain = if leased {
-                format!("EXPLAIN (FORMAT JSON) EXECUTE {name}(2000, 0, 16777216, '{{{all}}}')")
-            } else {
-                format!("EXPLAIN (FORMAT JSON) EXECUTE {name}(2000, 0, 16777216)")
-            };
-            let plan: serde_json::Value = sqlx::query_scalar(&explain)
-                .fetch_one(&mut *tx)
-                .await
-                .unwrap();
-            sqlx::query(&format!("DEALLOCATE {name}"))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            tx.rollback().await.unwrap();
+            let plan = claim_plan(&relay_pool, leased, mode, 0, false).await;
 
             let mut nodes = Vec::new();
             collect_nodes(&plan[0]["Plan"], &mut nodes);
@@ -593,24 +546,8 @@ async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
 async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
     const WAITING: i64 = 100_000;
     let env = TestEnv::new().await;
-    sqlx::query(
-        "INSERT INTO outbox (event_type, tenant_id, payload) \
-         SELECT 'auth.user.created', 'tenant-1', \
-                jsonb_build_object('userId', 'u' || g, 'email', 'u' || g || '@example.com') \
-           FROM generate_series(1, $1) g",
-    )
-    .bind(WAITING)
-    .execute(&env.writer("iam").await)
-    .await
-    .unwrap();
-    let relay_pool = outbox_relay::sql::connect_relay(
-        &env.relay_url(),
-        1,
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    write_users(&env, WAITING).await;
+    let relay_pool = relay_pool(&env).await;
     // Every row failed and waits an hour, where it is (what relays before
     // migration 0012 did, and still do until upgraded).
     let retry = |function: &str| {
@@ -628,55 +565,9 @@ async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
         .execute(env.fixtures())
         .await
         .unwrap();
-    let all = (0..256)
-        .map(|v| v.to_string())
-        .collect::<Vec<_>>()
-        .join(",");
     let explain = |leased: bool, mode: &'static str, after: i64| {
         let relay_pool = relay_pool.clone();
-        let all = all.clone();
-        async move {
-            let mut tx = relay_pool.begin().await.unwrap();
-            sqlx::query(&format!("SET LOCAL plan_cache_mode = {mode}"))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            let name = format!(
-                "empty_{}_{mode}_{}",
-                if leased { "leased" } else { "plain" },
-                if after == 0 { "start" } else { "pipelined" }
-            );
-            sqlx::query(&format!(
-                "PREPARE {name} AS {}",
-                outbox_relay::sql::claim_statement(leased)
-            ))
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-            let args = if leased {
-                format!("2000, {after}, 16777216, '{{{all}}}'")
-            } else {
-                format!("2000, {after}, 16777216")
-            };
-            // Executed twice: the first pays for loading the relation's
-            // metadata and pages into this backend; the second is what
-            // every idle poll costs.
-            let mut plan = serde_json::Value::Null;
-            for _ in 0..2 {
-                plan = sqlx::query_scalar(&format!(
-                    "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}({args})"
-                ))
-                .fetch_one(&mut *tx)
-                .await
-                .unwrap();
-            }
-            sqlx::query(&format!("DEALLOCATE {name}"))
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-            tx.rollback().await.unwrap();
-            plan
-        }
+        async move { claim_plan(&relay_pool, leased, mode, after, true).await }
     };
 
     let before = explain(false, "force_custom_plan", 0).await;
@@ -896,6 +787,89 @@ fn sum_of(plan: &serde_json::Value, key: &str) -> i64 {
             .flatten()
             .map(|p| sum_of(p, key))
             .sum::<i64>()
+}
+
+/// `n` `auth.user.created` events, as the iam publisher's writer.
+async fn write_users(env: &TestEnv, n: i64) {
+    sqlx::query(
+        "INSERT INTO outbox (event_type, tenant_id, payload) \
+         SELECT 'auth.user.created', 'tenant-1', \
+                jsonb_build_object('userId', 'u' || g, 'email', 'u' || g || '@example.com') \
+           FROM generate_series(1, $1) g",
+    )
+    .bind(n)
+    .execute(&env.writer("iam").await)
+    .await
+    .unwrap();
+}
+
+/// A pool as the relay's own: its role and its session settings.
+async fn relay_pool(env: &TestEnv) -> sqlx::PgPool {
+    outbox_relay::sql::connect_relay(
+        &env.relay_url(),
+        1,
+        Duration::from_secs(5),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap()
+}
+
+/// The plan of the claim statement, prepared as the relay prepares it,
+/// under `mode` (`plan_cache_mode`), for a claim after the row `after` (0:
+/// from the start) of all 256 partitions when `leased`. With `analyze` it
+/// is executed twice, in a transaction rolled back after: the first run
+/// pays for loading the relation's metadata and pages into this backend;
+/// the second is what every idle poll costs.
+async fn claim_plan(
+    pool: &sqlx::PgPool,
+    leased: bool,
+    mode: &str,
+    after: i64,
+    analyze: bool,
+) -> serde_json::Value {
+    let all = (0..256)
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query(&format!("SET LOCAL plan_cache_mode = {mode}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    // A prepared statement outlives the transaction on its pooled
+    // connection: deallocated below.
+    let name = "claim_plan";
+    sqlx::query(&format!(
+        "PREPARE {name} AS {}",
+        outbox_relay::sql::claim_statement(leased)
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    let args = if leased {
+        format!("2000, {after}, 16777216, '{{{all}}}'")
+    } else {
+        format!("2000, {after}, 16777216")
+    };
+    let (options, runs) = if analyze {
+        ("ANALYZE, BUFFERS, FORMAT JSON", 2)
+    } else {
+        ("FORMAT JSON", 1)
+    };
+    let mut plan = serde_json::Value::Null;
+    for _ in 0..runs {
+        plan = sqlx::query_scalar(&format!("EXPLAIN ({options}) EXECUTE {name}({args})"))
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+    }
+    sqlx::query(&format!("DEALLOCATE {name}"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.rollback().await.unwrap();
+    plan
 }
 
 /// Every Sort node of the plan has a Limit below it.
