@@ -571,6 +571,15 @@ where
     false
 }
 
+/// The host and port of a Postgres URL.
+pub fn server_of(url: &str) -> (String, u16) {
+    let (_, rest) = url.split_once("://").expect("database URL has a scheme");
+    let rest = rest.split_once('@').map_or(rest, |(_, host)| host);
+    let host_port = rest.split(['/', '?']).next().unwrap();
+    let (host, port) = host_port.rsplit_once(':').unwrap_or((host_port, "5432"));
+    (host.to_string(), port.parse().expect("database URL port"))
+}
+
 /// Replaces the user of a Postgres URL (the local server trusts every role).
 pub fn with_user(url: &str, user: &str) -> String {
     let (scheme, rest) = url.split_once("://").expect("database URL has a scheme");

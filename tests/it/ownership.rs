@@ -306,13 +306,7 @@ async fn every_relay_connection_to_postgres_has_tcp_keepalives() {
     let env = TestEnv::new().await;
     let relay = RelayProcess::start(&env, &[("OUTBOX_RELAY_RELAY__LISTEN", "true")]);
     relay.wait_started().await;
-    let db_port = env
-        .relay_url()
-        .split_once('@')
-        .and_then(|(_, rest)| rest.split_once('/'))
-        .and_then(|(host, _)| host.rsplit_once(':'))
-        .map(|(_, port)| port.parse::<u16>().unwrap())
-        .unwrap();
+    let (_, db_port) = server_of(&env.relay_url());
     let pid = relay.pid().as_raw();
     // Socket inode → (samples it was seen in, whether a keepalive timer
     // was seen on it). A socket gets its keepalives right after its

@@ -503,7 +503,7 @@ async fn the_claim_walks_the_primary_key_whatever_the_statistics_say() {
         .await
         .unwrap();
     write_users(&env, 30_000).await;
-    let relay_pool = relay_pool(&env).await;
+    let relay_pool = relay_role_pool(&env, 1).await;
     // The relay deletes what it published: all but the last 200 rows.
     sqlx::query("DELETE FROM outbox WHERE id < (SELECT max(id) - 200 FROM outbox)")
         .execute(&relay_pool)
@@ -547,7 +547,7 @@ async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
     const WAITING: i64 = 100_000;
     let env = TestEnv::new().await;
     write_users(&env, WAITING).await;
-    let relay_pool = relay_pool(&env).await;
+    let relay_pool = relay_role_pool(&env, 1).await;
     // Every row failed and waits an hour, where it is (what relays before
     // migration 0012 did, and still do until upgraded).
     let retry = |function: &str| {
@@ -722,14 +722,7 @@ async fn an_empty_claim_does_not_read_rows_waiting_for_a_retry() {
         .unwrap();
     earlier.sort_unstable();
     together.sort_unstable();
-    let pool = outbox_relay::sql::connect_relay(
-        &env.relay_url(),
-        2,
-        Duration::from_secs(5),
-        Duration::from_secs(60),
-    )
-    .await
-    .unwrap();
+    let pool = relay_role_pool(&env, 2).await;
     let vps: Vec<i16> = (0..256).collect();
     let mut in_flight = outbox_relay::sql::begin_claim(&pool).await.unwrap();
     let first = outbox_relay::sql::claim(&mut in_flight, 3, 16 << 20, Some(&vps), 0)
@@ -803,11 +796,20 @@ async fn write_users(env: &TestEnv, n: i64) {
     .unwrap();
 }
 
-/// A pool as the relay's own: its role and its session settings.
-async fn relay_pool(env: &TestEnv) -> sqlx::PgPool {
+/// The waits (ms) of a relay's "took over leases that expired" lines.
+fn takeover_waits(lines: &[serde_json::Value]) -> Vec<i64> {
+    lines
+        .iter()
+        .map(|l| l["wait_ms"].as_i64().unwrap_or(0))
+        .collect()
+}
+
+/// A pool of `size` connections as the relay's own: its role and its
+/// session settings.
+async fn relay_role_pool(env: &TestEnv, size: u32) -> sqlx::PgPool {
     outbox_relay::sql::connect_relay(
         &env.relay_url(),
-        1,
+        size,
         Duration::from_secs(5),
         Duration::from_secs(60),
     )
@@ -1141,10 +1143,7 @@ async fn an_owner_paused_between_claim_and_produce_publishes_nothing_after_the_t
         resumed_at.as_secs_f64(),
         written.len(),
         got.len(),
-        took_over
-            .iter()
-            .map(|l| l["wait_ms"].as_i64().unwrap_or(0))
-            .collect::<Vec<_>>()
+        takeover_waits(&took_over)
     );
     assert_eq!(
         duplicates, 0,
@@ -1176,12 +1175,7 @@ async fn a_frozen_connection_delays_only_its_partitions_and_only_within_the_boun
     let keys = 200;
     let topic = env.topic("platform.notify.events");
     let relay_url = env.relay_url();
-    let server = relay_url
-        .split_once('@')
-        .and_then(|(_, rest)| rest.split_once('/'))
-        .map(|(host, _)| host.to_string())
-        .unwrap();
-    let server = tokio::net::lookup_host(&server)
+    let server = tokio::net::lookup_host(server_of(&relay_url))
         .await
         .unwrap()
         .next()
@@ -1419,10 +1413,7 @@ async fn a_frozen_connection_delays_only_its_partitions_and_only_within_the_boun
         rejoined.as_secs_f64(),
         written.len(),
         got.len(),
-        b_took_over
-            .iter()
-            .map(|l| l["wait_ms"].as_i64().unwrap_or(0))
-            .collect::<Vec<_>>()
+        takeover_waits(&b_took_over)
     );
     assert!(
         during >= 0.8 * before,
