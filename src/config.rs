@@ -89,7 +89,10 @@ pub struct RelaySettings {
     /// Batches in flight at once: the next is claimed and queued in the
     /// producer while Kafka acknowledges the previous. 1 turns it off.
     pub pipeline_depth: u32,
-    /// Sleep after an empty claim. Full batches loop at once.
+    /// How often an idle relay looks for new rows: after an empty claim the
+    /// server probes the outbox this often and answers when a row is there
+    /// (migration 0013); with `listen`, the sleep after an empty claim.
+    /// Full batches loop at once.
     pub idle_interval_ms: u64,
     /// LISTEN for the wake-ups that `SELECT outbox_enable_notify()` turns
     /// on, ending the idle sleep as soon as an event is committed.

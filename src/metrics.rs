@@ -210,8 +210,9 @@ pub fn publish_latencies(source: &str, seconds: impl IntoIterator<Item = f64>) {
     }
 }
 
-/// One claim. An idle relay claims nothing every `relay.idle_interval_ms`;
-/// those empty claims would bury the batch-size distribution under zeros,
+/// One claim. An idle relay claims nothing at least once per idle wait
+/// (more often when the rows there are not its to take); those empty
+/// claims would bury the batch-size distribution under zeros,
 /// so only their duration is kept (a slow empty claim points at dead index
 /// entries at the head of the outbox: see docs/operations.md).
 pub fn batch(source: &str, size: usize, claim: Duration) {

@@ -130,6 +130,7 @@ pub const GRANTS: &[Grant] = &[
     g(R, "EXECUTE", On::Function("outbox_schedule_retry(bigint[],text[],boolean[],integer,bigint,bigint)"), "transient failures (relays before 0.2.0; outbox_reschedule)"),
     g(R, "EXECUTE", On::Function("outbox_reschedule(bigint[],text[],boolean[],integer,bigint,bigint)"), "transient failures"),
     g(R, "EXECUTE", On::Function("outbox_retry_delay(integer,bigint,bigint,double precision)"), "outbox_schedule_retry"),
+    g(R, "EXECUTE", On::Function("outbox_wait_due(integer,integer)"), "waiting for rows while idle"),
     g(R, "EXECUTE", On::Function("outbox_lease_renew(text,integer)"), "leases"),
     g(R, "EXECUTE", On::Function("outbox_lease_acquire(text,integer,integer)"), "leases (relays before 0.2.0)"),
     g(R, "EXECUTE", On::Function("outbox_lease_acquire(text,integer,integer,integer)"), "leases, fenced on takeover"),

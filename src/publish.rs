@@ -6,14 +6,16 @@
 //! the relay's own retry loop instead of hiding inside librdkafka.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::config::FromClientConfigAndContext;
+use rdkafka::error::KafkaResult;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 
@@ -135,7 +137,64 @@ impl ClientContext for RelayContext {
     }
 }
 
-pub type RelayProducer = ThreadedProducer<RelayContext>;
+/// The relay's producer: librdkafka's, with a thread of its own that serves
+/// delivery reports (and statistics and log lines) as they come.
+///
+/// rdkafka's `ThreadedProducer` polls in 100 ms slices, and its poll loop
+/// passes the time left in whole milliseconds: the last fraction of a
+/// millisecond of each slice becomes polls with no wait, a spin that cost
+/// an idle relay about 1 % of a core. Here each poll waits up to
+/// [`POLL_SLICE`], so that spin happens once a second at most; a poll
+/// still returns as soon as a report is there.
+/// Clones share the client and its thread, which stops once the last
+/// clone is dropped.
+#[derive(Clone)]
+pub struct RelayProducer(Arc<Polled>);
+
+struct Polled {
+    producer: Arc<BaseProducer<RelayContext>>,
+    stop: Arc<AtomicBool>,
+}
+
+/// How long one poll of the producer's thread waits for an event.
+const POLL_SLICE: Duration = Duration::from_secs(1);
+
+impl FromClientConfigAndContext<RelayContext> for RelayProducer {
+    fn from_config_and_context(config: &ClientConfig, context: RelayContext) -> KafkaResult<Self> {
+        let producer = Arc::new(BaseProducer::from_config_and_context(config, context)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let (polled, stopping) = (producer.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("kafka-reports".into())
+            .spawn(move || {
+                while !stopping.load(Ordering::Relaxed) {
+                    polled.poll(POLL_SLICE);
+                }
+                // The last reference to librdkafka's client may be this
+                // one: it is destroyed here, after the relay let it go.
+            })
+            .map_err(|e| {
+                KafkaError::ClientCreation(format!("starting the producer's thread: {e}"))
+            })?;
+        Ok(RelayProducer(Arc::new(Polled { producer, stop })))
+    }
+}
+
+impl std::ops::Deref for RelayProducer {
+    type Target = BaseProducer<RelayContext>;
+    fn deref(&self) -> &Self::Target {
+        &self.0.producer
+    }
+}
+
+impl Drop for Polled {
+    // The thread is not joined: it sees the flag within one slice and then
+    // drops its share of the client. Whoever drops the producer (shutdown,
+    // after its flush; recovery from a fatal error) does not wait for it.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
 
 /// librdkafka properties for the relay's producer.
 pub fn producer_config(k: &KafkaSettings) -> ClientConfig {

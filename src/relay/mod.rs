@@ -41,6 +41,7 @@ use crate::failure::{self, DbClass};
 use crate::lease::{Activity, Leases};
 use crate::metrics;
 use crate::publish::{RelayProducer, SharedProducer};
+use crate::sql;
 
 pub use crate::backoff::db_backoff;
 
@@ -218,7 +219,7 @@ impl Relay {
     /// settles in its own transaction. Messages are queued strictly in claim
     /// order, so the order within a Kafka partition is the outbox order.
     /// Claiming continues at once while batches come back full; an empty
-    /// claim waits `relay.idle_interval_ms` (or a NOTIFY wake-up). Database
+    /// claim with nothing in flight waits for a row ([`Self::idle`]). Database
     /// errors back off (capped) and retry; errors no retry can fix end the
     /// loop. On cancellation, the batches in flight settle before returning.
     pub async fn run(self: Arc<Self>, token: CancellationToken) -> Result<(), RelayError> {
@@ -230,6 +231,8 @@ impl Relay {
         let mut inflight: VecDeque<BatchTask> = VecDeque::new();
         let mut cursor: Option<i64> = None;
         let mut last_full_scan = Instant::now();
+        // The last idle wait ended because the server saw a row (see `idle`).
+        let mut said_due = false;
         // Resolved once the latest batch has queued its messages.
         let mut produce_turn = {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -251,6 +254,7 @@ impl Relay {
                 let after = if pipelined { cursor } else { None };
                 match self.claim(after).await {
                     Ok(Some(claimed)) => {
+                        said_due = false;
                         if !pipelined {
                             last_full_scan = Instant::now();
                         }
@@ -267,12 +271,10 @@ impl Relay {
                     }
                     Ok(None) if !pipelined => {
                         last_full_scan = Instant::now();
-                        tokio::select! {
-                            _ = token.cancelled() => {}
-                            _ = tokio::time::sleep(idle) => {}
-                            _ = self.wake.notified() => {}
+                        match self.idle(idle, &token, &mut said_due).await {
+                            Ok(()) => continue,
+                            Err(err) => failure = Some(err),
                         }
-                        continue;
                     }
                     Ok(None) => {}
                     Err(err) => failure = Some(err),
@@ -301,6 +303,39 @@ impl Relay {
                 return Ok(());
             }
         }
+    }
+
+    /// Waits after an empty claim with nothing in flight, until a row may
+    /// be due. Without LISTEN the wait happens in the server
+    /// (`sql::wait_due`): it looks for a row every `interval` with one index
+    /// probe and answers as soon as one is there, so an idle relay makes one
+    /// call per `IDLE_WAIT` instead of a claim every `interval`. The server
+    /// sees rows of every partition, and rows another relay has locked: when
+    /// it said a row was there and the claim then took nothing
+    /// (`said_due`), the relay sleeps `interval` instead, as a poll would,
+    /// so that rows it cannot take do not keep it claiming without pause.
+    /// With LISTEN, a NOTIFY ends the sleep.
+    async fn idle(
+        &self,
+        interval: Duration,
+        token: &CancellationToken,
+        said_due: &mut bool,
+    ) -> Result<(), RelayError> {
+        if self.settings.relay.listen || std::mem::take(said_due) {
+            tokio::select! {
+                _ = token.cancelled() => {}
+                _ = tokio::time::sleep(interval) => {}
+                _ = self.wake.notified() => {}
+            }
+            return Ok(());
+        }
+        tokio::select! {
+            // Dropping the call is safe: the connection finishes reading
+            // its answer before it is used again, or is closed with the pool.
+            _ = token.cancelled() => {}
+            due = sql::wait_due(&self.pool, IDLE_WAIT, interval) => *said_due = due?,
+        }
+        Ok(())
     }
 
     /// No batch is in flight: the next claim starts from the first due row,
@@ -356,6 +391,10 @@ impl Relay {
         Ok(())
     }
 }
+
+/// The longest an idle relay's wait in the server lasts before it claims
+/// again anyway (rows of partitions it just leased, shutdown).
+const IDLE_WAIT: Duration = Duration::from_millis(500);
 
 /// How often a relay claims with nothing in flight, so that rows
 /// below its pipelined claims (late commits, retries coming due) are found.

@@ -156,6 +156,19 @@ pub async fn begin_claim(pool: &PgPool) -> sqlx::Result<Transaction<'static, Pos
 /// the relay finds that owner's partitions and claims around them.
 const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL lock_timeout = '500ms'; SAVEPOINT claim";
 
+/// Waits in the server, at most `wait`, until the outbox holds a fresh row
+/// or a due retried row, looking every `every` (`outbox_wait_due`,
+/// migration 0013); true as soon as one is there. What an idle relay does
+/// between claims: one call instead of a transaction and a claim every
+/// `every`, and one index probe per look on the server.
+pub async fn wait_due(pool: &PgPool, wait: Duration, every: Duration) -> sqlx::Result<bool> {
+    sqlx::query_scalar("SELECT outbox_wait_due($1, $2)")
+        .bind(wait.as_millis().min(i32::MAX as u128) as i32)
+        .bind(every.as_millis().clamp(1, i32::MAX as u128) as i32)
+        .fetch_one(pool)
+        .await
+}
+
 /// Of `vpartitions`, those whose due rows (above `after`, the first `limit`
 /// of them) include one locked by another transaction. Locks nothing for
 /// long: its own `SKIP LOCKED` locks end with the rolled-back transaction.

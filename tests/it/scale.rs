@@ -443,6 +443,121 @@ async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
     assert_eq!(triggers, 0);
 }
 
+/// An idle relay waits inside PostgreSQL (`outbox_wait_due`, migration
+/// 0013) instead of claiming every idle interval: a few claims a second
+/// where the poll made 200, and an event written while it waits is
+/// published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_relay_waits_in_the_server_instead_of_claiming_every_interval() {
+    let env = TestEnv::new().await;
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut relay = env.spawn_process(&[("OUTBOX_RELAY_HTTP__LISTEN", listen.as_str())]);
+    let consumer = env.consumer(&[env.topic("platform.auth.events")]);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            lease_owners(&env).await.1 == 0
+        })
+        .await
+    );
+    let claims = |text: &str| sum(text, "outbox_claim_duration_seconds_count", &[]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = claims(&scrape(port).await);
+    let window = Duration::from_secs(3);
+    tokio::time::sleep(window).await;
+    let during = claims(&scrape(port).await) - before;
+    // One claim per wait (at most 500 ms each): about 6. Polling every
+    // 5 ms would make about 600.
+    assert!(
+        during <= 20.0,
+        "{during} claims in {window:?} on an empty outbox"
+    );
+
+    let id = env
+        .insert("auth.role.changed", example_payload("auth.role.changed"))
+        .await;
+    let got = read(&consumer, 1, Duration::from_secs(20)).await;
+    signal(&relay, Signal::SIGTERM);
+    assert!(relay.wait().unwrap().success());
+    assert_eq!(got.len(), 1, "the event written while the relay waited");
+    assert_eq!(got[0].value["id"], id.as_str());
+    println!("{during} claims in {window:?} while idle");
+}
+
+/// `outbox_wait_due` answers true as soon as a fresh row or a due retried
+/// row is there (a row committed while it waits included), false at the
+/// end of its wait otherwise; a retried row that is not due yet does not
+/// count. Only the relay role may call it (it holds a session while it
+/// waits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_side_wait_answers_when_a_row_is_due_and_only_to_the_relay() {
+    let env = TestEnv::new().await;
+    let relay = env.relay_pool().await;
+    let wait = |ms: i32| {
+        let relay = relay.clone();
+        async move {
+            let started = Instant::now();
+            let due: bool = sqlx::query_scalar("SELECT outbox_wait_due($1, 5)")
+                .bind(ms)
+                .fetch_one(&relay)
+                .await
+                .unwrap();
+            (due, started.elapsed())
+        }
+    };
+
+    let (due, took) = wait(300).await;
+    assert!(!due, "an empty outbox");
+    assert!(
+        took >= Duration::from_millis(300),
+        "answered after {took:?}"
+    );
+
+    // A row committed while the server waits ends the wait.
+    let waiting = tokio::spawn(wait(20_000));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let id = env
+        .insert("auth.role.changed", example_payload("auth.role.changed"))
+        .await;
+    let (due, took) = waiting.await.unwrap();
+    assert!(due);
+    assert!(
+        took < Duration::from_secs(10),
+        "the wait went on {took:?} after the row was committed"
+    );
+
+    // The row failed and waits for its retry an hour from now: not due.
+    sqlx::query(
+        "UPDATE outbox SET id = id + '-9223372036854775808'::bigint, \
+                available_at = now() + interval '1 hour' WHERE event_id = $1",
+    )
+    .bind(&id)
+    .execute(env.fixtures())
+    .await
+    .unwrap();
+    let (due, _) = wait(200).await;
+    assert!(!due, "a retried row that is not due yet");
+    sqlx::query("UPDATE outbox SET available_at = now() WHERE event_id = $1")
+        .bind(&id)
+        .execute(env.fixtures())
+        .await
+        .unwrap();
+    let (due, took) = wait(20_000).await;
+    assert!(due, "a retried row that is due");
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+
+    for (who, pool) in [
+        ("writer", env.writer("iam").await),
+        ("admin", env.admin().clone()),
+    ] {
+        let err = sqlx::query_scalar::<_, bool>("SELECT outbox_wait_due(100, 5)")
+            .fetch_one(&pool)
+            .await
+            .expect_err(who);
+        assert_eq!(db_error(&err).0, "42501", "{who}: {err}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_get_the_virtual_partition_of_their_key_at_insert() {
     let env = TestEnv::new().await;
