@@ -15,7 +15,9 @@ use rdkafka::config::FromClientConfigAndContext;
 use rdkafka::error::KafkaResult;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::producer::{
+    BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext, PurgeConfig,
+};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 
@@ -387,6 +389,52 @@ pub fn fatal_error(producer: &RelayProducer) -> Option<String> {
 pub struct SharedProducer {
     kafka: KafkaSettings,
     current: Mutex<Arc<RelayProducer>>,
+    /// Whether the current producer has answered nothing but timeouts.
+    stall: Mutex<Stall>,
+}
+
+/// Kafka's answers to one batch, as far as the producer's health goes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Answers {
+    pub acked: usize,
+    pub timed_out: usize,
+}
+
+/// Since when a producer has answered every message with a timeout.
+///
+/// After a broker restart librdkafka can keep a partition's leader as
+/// unknown in its metadata cache ("new leader -1 not found in cache") and
+/// time out every message for that partition, for minutes, while a new
+/// client finds the leader at once. The relay retries those rows without
+/// limit and loses nothing, but publishes nothing either: a producer that
+/// has acknowledged nothing for three message timeouts while its messages
+/// kept timing out is replaced. During a real outage that replaces it once
+/// every three timeouts, which costs a reconnect.
+#[derive(Debug, Default)]
+pub struct Stall {
+    since: Option<std::time::Instant>,
+}
+
+impl Stall {
+    /// Records one batch's answers; true when the producer should be
+    /// replaced (then the record starts over). An acknowledgement ends a
+    /// stall; a batch with no answer at all (nothing produced) changes
+    /// nothing.
+    pub fn record(&mut self, answers: Answers, now: std::time::Instant, after: Duration) -> bool {
+        if answers.acked > 0 {
+            self.since = None;
+            return false;
+        }
+        if answers.timed_out == 0 {
+            return false;
+        }
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) >= after {
+            self.since = None;
+            return true;
+        }
+        false
+    }
 }
 
 impl SharedProducer {
@@ -394,6 +442,7 @@ impl SharedProducer {
         Arc::new(SharedProducer {
             kafka,
             current: Mutex::new(producer),
+            stall: Mutex::new(Stall::default()),
         })
     }
 
@@ -402,19 +451,36 @@ impl SharedProducer {
         self.current.lock().expect("producer lock").clone()
     }
 
-    /// Called after a batch settled with the producer it used: when that
-    /// producer hit a fatal error (idempotent producer state lost), a fresh
-    /// one replaces it. Several batches (or sources) may report the same
-    /// broken producer; only the first replaces it.
-    pub fn recover(&self, used: &Arc<RelayProducer>) -> Result<(), KafkaError> {
-        let Some(fatal) = fatal_error(used) else {
-            return Ok(());
-        };
+    /// Called after a batch settled with the producer it used and Kafka's
+    /// `answers`: when that producer hit a fatal error (idempotent producer
+    /// state lost), or has stalled ([`Stall`]), a fresh one replaces it.
+    /// Several batches (or sources) may report the same producer; only the
+    /// first replaces it, and answers of a producer already replaced do not
+    /// count.
+    pub fn recover(&self, used: &Arc<RelayProducer>, answers: Answers) -> Result<(), KafkaError> {
+        let fatal = fatal_error(used);
         let mut current = self.current.lock().expect("producer lock");
         if !Arc::ptr_eq(&current, used) {
             return Ok(());
         }
-        tracing::error!(error = %fatal, "producer hit a fatal error; recreating it");
+        let mut stall = self.stall.lock().expect("stall lock");
+        let after = Duration::from_millis(self.kafka.message_timeout_ms.saturating_mul(3));
+        let stalled = stall.record(answers, std::time::Instant::now(), after);
+        if let Some(fatal) = fatal {
+            tracing::error!(error = %fatal, "producer hit a fatal error; recreating it");
+        } else if stalled {
+            tracing::warn!(
+                stalled_for_ms = after.as_millis() as u64,
+                "no message acknowledged and every one timed out for three message timeouts; \
+                 recreating the producer (its rows are retried)"
+            );
+            // What the old producer still holds fails now, as retries,
+            // rather than being delivered after the new producer's messages.
+            used.purge(PurgeConfig::default().queue().inflight().non_blocking());
+        } else {
+            return Ok(());
+        }
+        *stall = Stall::default();
         *current = Arc::new(create_producer(&self.kafka)?);
         Ok(())
     }
@@ -422,5 +488,51 @@ impl SharedProducer {
     /// Flushes the current producer (blocking); the last step of shutdown.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
         flush(&self.current(), timeout)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    const TIMEOUTS: Answers = Answers {
+        acked: 0,
+        timed_out: 40,
+    };
+
+    #[test]
+    fn a_producer_that_only_times_out_for_the_whole_window_is_replaced_once() {
+        let after = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut stall = Stall::default();
+        assert!(!stall.record(TIMEOUTS, at(0), after));
+        assert!(!stall.record(TIMEOUTS, at(29), after));
+        // A batch that produced nothing says nothing about the producer.
+        assert!(!stall.record(Answers::default(), at(29), after));
+        assert!(stall.record(TIMEOUTS, at(30), after));
+        // The record starts over: the new producer gets a window of its own.
+        assert!(!stall.record(TIMEOUTS, at(31), after));
+        assert!(!stall.record(TIMEOUTS, at(60), after));
+        assert!(stall.record(TIMEOUTS, at(61), after));
+    }
+
+    #[test]
+    fn one_acknowledgement_ends_a_stall() {
+        let after = Duration::from_secs(30);
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut stall = Stall::default();
+        assert!(!stall.record(TIMEOUTS, at(0), after));
+        // Some partitions answer (others time out): not stalled.
+        let partly = Answers {
+            acked: 1,
+            timed_out: 39,
+        };
+        assert!(!stall.record(partly, at(20), after));
+        assert!(!stall.record(TIMEOUTS, at(40), after));
+        assert!(!stall.record(TIMEOUTS, at(69), after));
+        assert!(stall.record(TIMEOUTS, at(70), after));
     }
 }

@@ -231,8 +231,7 @@ impl Relay {
         let mut inflight: VecDeque<BatchTask> = VecDeque::new();
         let mut cursor: Option<i64> = None;
         let mut last_full_scan = Instant::now();
-        // The last idle wait ended because the server saw a row (see `idle`).
-        let mut said_due = false;
+        let mut waits = IdleWaits::default();
         // Resolved once the latest batch has queued its messages.
         let mut produce_turn = {
             let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -254,7 +253,7 @@ impl Relay {
                 let after = if pipelined { cursor } else { None };
                 match self.claim(after).await {
                     Ok(Some(claimed)) => {
-                        said_due = false;
+                        waits.said_due = false;
                         if !pipelined {
                             last_full_scan = Instant::now();
                         }
@@ -271,7 +270,7 @@ impl Relay {
                     }
                     Ok(None) if !pipelined => {
                         last_full_scan = Instant::now();
-                        match self.idle(idle, &token, &mut said_due).await {
+                        match self.idle(idle, &token, &mut waits).await {
                             Ok(()) => continue,
                             Err(err) => failure = Some(err),
                         }
@@ -307,21 +306,27 @@ impl Relay {
 
     /// Waits after an empty claim with nothing in flight, until a row may
     /// be due. Without LISTEN the wait happens in the server
-    /// (`sql::wait_due`): it looks for a row every `interval` with one index
-    /// probe and answers as soon as one is there, so an idle relay makes one
-    /// call per `IDLE_WAIT` instead of a claim every `interval`. The server
-    /// sees rows of every partition, and rows another relay has locked: when
-    /// it said a row was there and the claim then took nothing
-    /// (`said_due`), the relay sleeps `interval` instead, as a poll would,
-    /// so that rows it cannot take do not keep it claiming without pause.
-    /// With LISTEN, a NOTIFY ends the sleep.
+    /// (`sql::wait_due`): it looks for a row every `interval` and answers
+    /// as soon as one is there, so an idle relay makes one call per
+    /// `IDLE_WAIT` instead of a claim every `interval`. The server sees
+    /// rows of every partition, and rows another relay has locked: when it
+    /// said a row was there and the claim then took nothing, the relay
+    /// sleeps `interval` instead, as a poll would, so that rows it cannot
+    /// take do not keep it claiming without pause. A wait the server
+    /// refuses (an error of the statement, not of the connection, which is
+    /// backed off from like a claim's) is logged, and the relay polls for a
+    /// minute before it tries again: the wait is an economy, never a reason
+    /// to stop publishing. With LISTEN, a NOTIFY ends the sleep.
     async fn idle(
         &self,
         interval: Duration,
         token: &CancellationToken,
-        said_due: &mut bool,
+        waits: &mut IdleWaits,
     ) -> Result<(), RelayError> {
-        if self.settings.relay.listen || std::mem::take(said_due) {
+        let failed_lately = waits
+            .failed_at
+            .is_some_and(|at| at.elapsed() < WAIT_AGAIN_AFTER);
+        if self.settings.relay.listen || std::mem::take(&mut waits.said_due) || failed_lately {
             tokio::select! {
                 _ = token.cancelled() => {}
                 _ = tokio::time::sleep(interval) => {}
@@ -333,7 +338,17 @@ impl Relay {
             // Dropping the call is safe: the connection finishes reading
             // its answer before it is used again, or is closed with the pool.
             _ = token.cancelled() => {}
-            due = sql::wait_due(&self.pool, IDLE_WAIT, interval) => *said_due = due?,
+            due = sql::wait_due(&self.pool, IDLE_WAIT, interval) => match due {
+                Ok(due) => waits.said_due = due,
+                // Not an answer of the server (a lost connection, a full
+                // pool): backed off like any claim's.
+                Err(err) if !matches!(err, sqlx::Error::Database(_)) => return Err(err.into()),
+                Err(err) => {
+                    tracing::warn!(source = %self.source, error = %err,
+                        "waiting for rows in the server failed; polling every idle interval for a minute instead");
+                    waits.failed_at = Some(Instant::now());
+                }
+            },
         }
         Ok(())
     }
@@ -391,6 +406,18 @@ impl Relay {
         Ok(())
     }
 }
+
+/// What the idle waits of one relay loop remember.
+#[derive(Default)]
+struct IdleWaits {
+    /// The last wait ended because the server saw a row.
+    said_due: bool,
+    /// When a wait last failed (other than by a lost connection).
+    failed_at: Option<Instant>,
+}
+
+/// How long a relay whose wait in the server failed polls instead.
+const WAIT_AGAIN_AFTER: Duration = Duration::from_secs(60);
 
 /// The longest an idle relay's wait in the server lasts before it claims
 /// again anyway (rows of partitions it just leased, shutdown).

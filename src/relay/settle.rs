@@ -22,7 +22,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
 
 use chrono::Utc;
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use sqlx::{Postgres, Transaction};
 
 use super::prepare::{Row, State};
@@ -31,7 +31,7 @@ use super::{BatchReport, Relay, RelayError};
 use crate::envelope::Rejected;
 use crate::failure::{self, Class, DlqReason};
 use crate::metrics;
-use crate::publish::Ack;
+use crate::publish::{self, Ack};
 use crate::sql;
 
 /// What becomes of one claimed row.
@@ -168,6 +168,26 @@ impl Row {
     }
 }
 
+/// How many of the batch's messages Kafka acknowledged, and how many timed
+/// out (librdkafka gave up on them), for the producer's health.
+fn answers(rows: &[Row]) -> publish::Answers {
+    let mut answers = publish::Answers::default();
+    for row in rows {
+        match &row.state {
+            State::Answered {
+                answer: Some(Ok(_)),
+                ..
+            } => answers.acked += 1,
+            State::Answered {
+                answer: Some(Err(KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut))),
+                ..
+            } => answers.timed_out += 1,
+            _ => {}
+        }
+    }
+    answers
+}
+
 impl Relay {
     /// Settles a batch with Kafka's answers in its own transaction: delete
     /// what was acknowledged, dead-letter what never can be published,
@@ -243,7 +263,7 @@ impl Relay {
             return Err(err.into());
         }
         self.record(&rows, &planned, &exhausted);
-        self.producer.recover(&producer)?;
+        self.producer.recover(&producer, answers(&rows))?;
         Ok(report)
     }
 

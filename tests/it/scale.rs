@@ -526,6 +526,30 @@ async fn the_server_side_wait_answers_when_a_row_is_due_and_only_to_the_relay() 
         "the wait went on {took:?} after the row was committed"
     );
 
+    // A writer's transaction that commits well after it took the row's id
+    // (the server reads the table on every look only shortly after an id
+    // is taken, then on every tenth look).
+    let writer = env.writer("iam").await;
+    let waiting = tokio::spawn(wait(20_000));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut tx = writer.begin().await.unwrap();
+    sqlx::query("INSERT INTO outbox (event_type, payload) VALUES ($1, $2)")
+        .bind("auth.role.changed")
+        .bind(example_payload("auth.role.changed"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    tx.commit().await.unwrap();
+    let (due, took) = waiting.await.unwrap();
+    assert!(due, "a row committed 400 ms after its id was taken");
+    assert!(took < Duration::from_secs(10), "answered after {took:?}");
+    sqlx::query("DELETE FROM outbox WHERE event_id <> $1")
+        .bind(&id)
+        .execute(env.fixtures())
+        .await
+        .unwrap();
+
     // The row failed and waits for its retry an hour from now: not due.
     sqlx::query(
         "UPDATE outbox SET id = id + '-9223372036854775808'::bigint, \
