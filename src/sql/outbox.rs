@@ -160,7 +160,8 @@ const BEGIN_CLAIM: &str = "BEGIN; SET LOCAL lock_timeout = '500ms'; SAVEPOINT cl
 /// or a due retried row, looking every `every` (`outbox_wait_due`,
 /// migration 0013); true as soon as one is there. What an idle relay does
 /// between claims: one call instead of a transaction and a claim every
-/// `every`, and one index probe per look on the server.
+/// `every`; on the server a look reads the id sequence, and the table
+/// only when a writer took an id lately (or every tenth look).
 pub async fn wait_due(pool: &PgPool, wait: Duration, every: Duration) -> sqlx::Result<bool> {
     sqlx::query_scalar("SELECT outbox_wait_due($1, $2)")
         .bind(wait.as_millis().min(i32::MAX as u128) as i32)
