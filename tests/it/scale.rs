@@ -409,7 +409,7 @@ async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
         .await
         .unwrap();
     // Poll only every 60 s: an event can only arrive sooner through NOTIFY.
-    let mut relay = env.spawn_process(&[
+    let relay = env.spawn_process(&[
         ("OUTBOX_RELAY_RELAY__LISTEN", "true"),
         ("OUTBOX_RELAY_RELAY__IDLE_INTERVAL_MS", "60000"),
     ]);
@@ -422,14 +422,13 @@ async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
         .await
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let id = env
-        .insert("auth.role.changed", example_payload("auth.role.changed"))
-        .await;
-    let got = read(&consumer, 1, Duration::from_secs(20)).await;
-    signal(&relay, Signal::SIGTERM);
-    assert!(relay.wait().unwrap().success());
-    assert_eq!(got.len(), 1, "woken by NOTIFY long before the 60 s poll");
-    assert_eq!(got[0].value["id"], id.as_str());
+    one_event_arrives_then_stop(
+        &env,
+        &consumer,
+        relay,
+        "woken by NOTIFY long before the 60 s poll",
+    )
+    .await;
 
     sqlx::query("SELECT outbox_disable_notify()")
         .execute(env.admin())
@@ -443,6 +442,24 @@ async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
     assert_eq!(triggers, 0);
 }
 
+/// An event written now reaches `consumer` (subscribed to the auth
+/// topic); then `relay` stops cleanly.
+async fn one_event_arrives_then_stop(
+    env: &TestEnv,
+    consumer: &rdkafka::consumer::StreamConsumer,
+    mut relay: Spawned,
+    why: &str,
+) {
+    let id = env
+        .insert("auth.role.changed", example_payload("auth.role.changed"))
+        .await;
+    let got = read(consumer, 1, Duration::from_secs(20)).await;
+    signal(&relay, Signal::SIGTERM);
+    assert!(relay.wait().unwrap().success());
+    assert_eq!(got.len(), 1, "{why}");
+    assert_eq!(got[0].value["id"], id.as_str());
+}
+
 /// An idle relay waits inside PostgreSQL (`outbox_wait_due`, migration
 /// 0013) instead of claiming every idle interval: a few claims a second
 /// where the poll made 200, and an event written while it waits is
@@ -452,7 +469,7 @@ async fn an_idle_relay_waits_in_the_server_instead_of_claiming_every_interval() 
     let env = TestEnv::new().await;
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
-    let mut relay = env.spawn_process(&[("OUTBOX_RELAY_HTTP__LISTEN", listen.as_str())]);
+    let relay = env.spawn_process(&[("OUTBOX_RELAY_HTTP__LISTEN", listen.as_str())]);
     let consumer = env.consumer(&[env.topic("platform.auth.events")]);
     assert!(
         eventually(Duration::from_secs(15), || async {
@@ -473,14 +490,13 @@ async fn an_idle_relay_waits_in_the_server_instead_of_claiming_every_interval() 
         "{during} claims in {window:?} on an empty outbox"
     );
 
-    let id = env
-        .insert("auth.role.changed", example_payload("auth.role.changed"))
-        .await;
-    let got = read(&consumer, 1, Duration::from_secs(20)).await;
-    signal(&relay, Signal::SIGTERM);
-    assert!(relay.wait().unwrap().success());
-    assert_eq!(got.len(), 1, "the event written while the relay waited");
-    assert_eq!(got[0].value["id"], id.as_str());
+    one_event_arrives_then_stop(
+        &env,
+        &consumer,
+        relay,
+        "the event written while the relay waited",
+    )
+    .await;
     println!("{during} claims in {window:?} while idle");
 }
 
