@@ -5,8 +5,8 @@
 -- trips and two process wake-ups 200 times a second, about 12 % of a core
 -- between the relay and its session for nothing. Now, after an empty claim,
 -- the relay calls outbox_wait_due once: the server looks for a row every
--- p_every_ms with one index probe and answers as soon as one is there, or
--- after p_wait_ms with false. The relay then claims (or calls again).
+-- p_every_ms and answers as soon as one is there, or after p_wait_ms with
+-- false. The relay then claims (or calls again).
 --
 -- The probe asks only whether the outbox holds a fresh row (any partition)
 -- or a retried row that is due: two index lookups that stop at the first

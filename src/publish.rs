@@ -148,6 +148,7 @@ impl ClientContext for RelayContext {
 /// an idle relay about 1 % of a core. Here each poll waits up to
 /// [`POLL_SLICE`], so that spin happens once a second at most; a poll
 /// still returns as soon as a report is there.
+///
 /// Clones share the client and its thread, which stops once the last
 /// clone is dropped.
 #[derive(Clone)]

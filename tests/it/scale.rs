@@ -500,6 +500,40 @@ async fn an_idle_relay_waits_in_the_server_instead_of_claiming_every_interval() 
     println!("{during} claims in {window:?} while idle");
 }
 
+/// A wait the server refuses (here: `EXECUTE` revoked under a running
+/// relay, a privilege error that would stop the relay if a claim met it)
+/// is logged, and the relay polls instead: events are still published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_idle_wait_is_logged_and_the_relay_polls_instead() {
+    let env = TestEnv::new().await;
+    let relay = env.spawn_process(&[]);
+    let consumer = env.consumer(&[env.topic("platform.auth.events")]);
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            lease_owners(&env).await.1 == 0
+        })
+        .await
+    );
+    sqlx::query("REVOKE EXECUTE ON FUNCTION outbox_wait_due(integer, integer) FROM outbox_relay")
+        .execute(env.fixtures())
+        .await
+        .unwrap();
+    // The wait under way ends within 500 ms; the next one is refused.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let id = env
+        .insert("auth.role.changed", example_payload("auth.role.changed"))
+        .await;
+    let got = read(&consumer, 1, Duration::from_secs(20)).await;
+    let (status, log) = relay.terminate();
+    assert!(status.success(), "{log}");
+    assert_eq!(got.len(), 1, "published while polling:\n{log}");
+    assert_eq!(got[0].value["id"], id.as_str());
+    assert!(
+        log.contains("waiting for rows in the server failed") && log.contains("permission denied"),
+        "{log}"
+    );
+}
+
 /// `outbox_wait_due` answers true as soon as a fresh row or a due retried
 /// row is there (a row committed while it waits included), false at the
 /// end of its wait otherwise; a retried row that is not due yet does not
