@@ -502,11 +502,16 @@ mod tests {
         timed_out: 40,
     };
 
+    /// Instants `s` seconds after one start.
+    fn clock() -> impl Fn(u64) -> Instant {
+        let t0 = Instant::now();
+        move |s| t0 + Duration::from_secs(s)
+    }
+
     #[test]
     fn a_producer_that_only_times_out_for_the_whole_window_is_replaced_once() {
         let after = Duration::from_secs(30);
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
+        let at = clock();
         let mut stall = Stall::default();
         assert!(!stall.record(TIMEOUTS, at(0), after));
         assert!(!stall.record(TIMEOUTS, at(29), after));
@@ -522,8 +527,7 @@ mod tests {
     #[test]
     fn one_acknowledgement_ends_a_stall() {
         let after = Duration::from_secs(30);
-        let t0 = Instant::now();
-        let at = |s: u64| t0 + Duration::from_secs(s);
+        let at = clock();
         let mut stall = Stall::default();
         assert!(!stall.record(TIMEOUTS, at(0), after));
         // Some partitions answer (others time out): not stalled.

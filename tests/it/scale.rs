@@ -101,6 +101,18 @@ async fn lease_owners(env: &TestEnv) -> (HashMap<String, i64>, i64) {
     (owners, unowned)
 }
 
+/// Waits (up to 15 s) until every lease of `env` has an owner: the relay
+/// has started and, with nothing written, goes idle.
+async fn every_lease_taken(env: &TestEnv) {
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            lease_owners(env).await.1 == 0
+        })
+        .await,
+        "the relay did not take every lease within 15 s"
+    );
+}
+
 /// Checks delivery, per-key order of first occurrences, and that every
 /// duplicate re-delivers an id seen before. Returns the duplicate count.
 fn check_order(got: &[Received], written: &[(String, usize)]) -> usize {
@@ -415,12 +427,7 @@ async fn notify_wakes_an_idle_relay_before_its_poll_interval() {
     ]);
     let consumer = env.consumer(&[env.topic("platform.auth.events")]);
     // Let the relay take its leases and go idle.
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            lease_owners(&env).await.1 == 0
-        })
-        .await
-    );
+    every_lease_taken(&env).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     one_event_arrives_then_stop(
         &env,
@@ -471,12 +478,7 @@ async fn an_idle_relay_waits_in_the_server_instead_of_claiming_every_interval() 
     let listen = format!("127.0.0.1:{port}");
     let relay = env.spawn_process(&[("OUTBOX_RELAY_HTTP__LISTEN", listen.as_str())]);
     let consumer = env.consumer(&[env.topic("platform.auth.events")]);
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            lease_owners(&env).await.1 == 0
-        })
-        .await
-    );
+    every_lease_taken(&env).await;
     let claims = |text: &str| sum(text, "outbox_claim_duration_seconds_count", &[]);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let before = claims(&scrape(port).await);
@@ -508,12 +510,7 @@ async fn a_refused_idle_wait_is_logged_and_the_relay_polls_instead() {
     let env = TestEnv::new().await;
     let relay = env.spawn_process(&[]);
     let consumer = env.consumer(&[env.topic("platform.auth.events")]);
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            lease_owners(&env).await.1 == 0
-        })
-        .await
-    );
+    every_lease_taken(&env).await;
     sqlx::query("REVOKE EXECUTE ON FUNCTION outbox_wait_due(integer, integer) FROM outbox_relay")
         .execute(env.fixtures())
         .await
@@ -596,26 +593,35 @@ async fn the_server_side_wait_answers_when_a_row_is_due_and_only_to_the_relay() 
     assert!(took < Duration::from_secs(10), "answered after {took:?}");
     sqlx::query("DELETE FROM outbox WHERE event_id <> $1")
         .bind(&id)
-        .execute(env.fixtures())
+        .execute(&relay)
         .await
         .unwrap();
 
-    // The row failed and waits for its retry an hour from now: not due.
-    sqlx::query(
-        "UPDATE outbox SET id = id + '-9223372036854775808'::bigint, \
-                available_at = now() + interval '1 hour' WHERE event_id = $1",
-    )
-    .bind(&id)
-    .execute(env.fixtures())
-    .await
-    .unwrap();
+    // The row failed, as the relay reschedules it: its retry is half an
+    // hour to an hour away (base and cap 1 h), so it is not due.
+    let reschedule = |delay_ms: i64| {
+        let (relay, id) = (relay.clone(), id.clone());
+        async move {
+            let row: i64 = sqlx::query_scalar("SELECT id FROM outbox WHERE event_id = $1")
+                .bind(&id)
+                .fetch_one(&relay)
+                .await
+                .unwrap();
+            sqlx::query(
+                "SELECT outbox_reschedule(ARRAY[$1], ARRAY['broker unavailable'], ARRAY[false], 100, $2, $2)",
+            )
+            .bind(row)
+            .bind(delay_ms)
+            .execute(&relay)
+            .await
+            .unwrap();
+        }
+    };
+    reschedule(3_600_000).await;
     let (due, _) = wait(200).await;
     assert!(!due, "a retried row that is not due yet");
-    sqlx::query("UPDATE outbox SET available_at = now() WHERE event_id = $1")
-        .bind(&id)
-        .execute(env.fixtures())
-        .await
-        .unwrap();
+    // Rescheduled again with no delay: due at once.
+    reschedule(0).await;
     let (due, took) = wait(20_000).await;
     assert!(due, "a retried row that is due");
     assert!(took < Duration::from_secs(10), "answered after {took:?}");
